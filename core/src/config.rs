@@ -1,0 +1,228 @@
+//! Configuration: the original's `conf/conf.json` format, and the knobs of each machine.
+
+use crate::perf::{PerfLimits, Requirements, DEFAULT_SOFT_GRACE};
+use crate::types::{PeerId, ServiceInfo};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::time::Duration;
+
+/// `conf/conf.json` as the original defines it:
+/// `{"Perf": {"SoftReq": {"RTT": ms}, "HardReq": {"RTT": ms}}, "Bootstraps": [multiaddr, ...]}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfFile {
+    #[serde(rename = "Perf", default)]
+    pub perf: PerfConf,
+    #[serde(rename = "Bootstraps", default)]
+    pub bootstraps: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PerfConf {
+    #[serde(rename = "SoftReq")]
+    pub soft: RttConf,
+    #[serde(rename = "HardReq")]
+    pub hard: RttConf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RttConf {
+    /// Milliseconds.
+    #[serde(rename = "RTT")]
+    pub rtt_ms: u64,
+}
+
+impl Default for PerfConf {
+    /// The original's shipped defaults: soft 100 ms, hard 1 s.
+    fn default() -> Self {
+        PerfConf { soft: RttConf { rtt_ms: 100 }, hard: RttConf { rtt_ms: 1000 } }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfError(pub String);
+
+impl fmt::Display for ConfError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfError {}
+
+impl ConfFile {
+    /// Parse and validate the text of a config file.
+    pub fn parse(text: &str) -> Result<ConfFile, ConfError> {
+        let conf: ConfFile = serde_json::from_str(text).map_err(|e| ConfError(format!("invalid config: {e}")))?;
+        if conf.perf.soft.rtt_ms == 0 || conf.perf.hard.rtt_ms == 0 {
+            return Err(ConfError("invalid config: Perf RTT limits must be positive milliseconds".into()));
+        }
+        if conf.perf.soft.rtt_ms > conf.perf.hard.rtt_ms {
+            return Err(ConfError(format!(
+                "invalid config: Perf.SoftReq.RTT ({} ms) is above Perf.HardReq.RTT ({} ms)",
+                conf.perf.soft.rtt_ms, conf.perf.hard.rtt_ms
+            )));
+        }
+        Ok(conf)
+    }
+
+    /// The default requirements this file sets for services that set none.
+    pub fn requirements(&self) -> Requirements {
+        Requirements {
+            soft: PerfLimits::rtt(Duration::from_millis(self.perf.soft.rtt_ms)),
+            hard: PerfLimits::rtt(Duration::from_millis(self.perf.hard.rtt_ms)),
+        }
+    }
+}
+
+/// Everything a [`crate::node::Node`] needs to know about itself.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// This node's own peer id (never picked as an instance or allocator for itself).
+    pub local: PeerId,
+    /// Requirements for services whose registry entry sets none.
+    pub defaults: Requirements,
+    pub manager: ManagerConfig,
+    pub peer_cache: PeerCacheConfig,
+    pub registry_cache: RegistryCacheConfig,
+    /// Service mode: the name of the service this node's proxy serves.
+    pub serve: Option<String>,
+    /// Allocator role.
+    pub allocator: Option<AllocatorConfig>,
+    /// Registry role, with the entries loaded from the store at start.
+    pub registry: Option<Vec<ServiceInfo>>,
+}
+
+impl NodeConfig {
+    /// A node with the original's defaults and no roles but the client one.
+    pub fn new(local: PeerId, defaults: Requirements) -> Self {
+        NodeConfig {
+            local,
+            defaults,
+            manager: ManagerConfig::default(),
+            peer_cache: PeerCacheConfig::default(),
+            registry_cache: RegistryCacheConfig::default(),
+            serve: None,
+            allocator: None,
+            registry: None,
+        }
+    }
+}
+
+/// The find-or-allocate flow (DESIGN.md §2).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManagerConfig {
+    /// Find-or-allocate rounds before giving up with 503.
+    pub attempts: u32,
+    /// One shared budget for probing all candidates of a round.
+    pub probe_budget: Duration,
+    /// How long a DHT provider lookup may take.
+    pub find_timeout: Duration,
+    /// How long one allocator may take to answer a start request.
+    pub allocate_timeout: Duration,
+    /// How long a registry query may take.
+    pub registry_timeout: Duration,
+    /// After an allocation whose instance cannot be reached directly: re-find
+    /// providers after this delay, doubling up to `refind_max`, `refind_tries` times.
+    pub refind_initial: Duration,
+    pub refind_max: Duration,
+    pub refind_tries: u32,
+    /// Re-advertise what this node advertises this often (DHT records expire).
+    pub advertise_interval: Duration,
+    /// Persistent soft violations ask for a better instance after this long.
+    pub soft_grace: Duration,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        ManagerConfig {
+            attempts: 3,
+            probe_budget: Duration::from_secs(1),
+            find_timeout: Duration::from_secs(2),
+            allocate_timeout: Duration::from_secs(10),
+            registry_timeout: Duration::from_secs(2),
+            refind_initial: Duration::from_millis(200),
+            refind_max: Duration::from_secs(1),
+            refind_tries: 5,
+            advertise_interval: Duration::from_secs(30),
+            soft_grace: DEFAULT_SOFT_GRACE,
+        }
+    }
+}
+
+/// The three-level peer cache; defaults are the original's constants.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerCacheConfig {
+    pub probe_interval: Duration,
+    pub initial_reliability: u8,
+    pub reward: u8,
+    pub penalty: u8,
+    /// Level 1 → 0 when r rises above this.
+    pub promote_above: u8,
+    /// Level 0 → 1 (with r reset) when r falls below this.
+    pub demote_below: u8,
+    /// Level 1 → 2 (with r reset) when r falls below this.
+    pub drop_below: u8,
+}
+
+impl Default for PeerCacheConfig {
+    fn default() -> Self {
+        PeerCacheConfig {
+            probe_interval: Duration::from_secs(1),
+            initial_reliability: 50,
+            reward: 1,
+            penalty: 10,
+            promote_above: 90,
+            demote_below: 90,
+            drop_below: 10,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegistryCacheConfig {
+    /// How long a resolved name is trusted (`--rcache-ttl`).
+    pub ttl: Duration,
+    /// How long "no such service" is remembered.
+    pub negative_ttl: Duration,
+}
+
+impl Default for RegistryCacheConfig {
+    fn default() -> Self {
+        RegistryCacheConfig { ttl: Duration::from_secs(3600), negative_ttl: Duration::from_secs(5) }
+    }
+}
+
+/// What an allocator's machine offers, and how it culls.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllocatorConfig {
+    pub max_instances: usize,
+    /// CPU available to instances, in thousandths of a core.
+    pub cpu_millis: u64,
+    /// Memory available to instances, in MiB.
+    pub memory_mb: u64,
+    /// How often instances are asked how long they have been idle.
+    pub cull_interval: Duration,
+    /// Instances idle longer than this are stopped.
+    pub idle_limit: Duration,
+    /// An instance that has not reported itself started by then is given up on.
+    pub start_timeout: Duration,
+    /// How long an idle query may take before it counts as failed.
+    pub idle_query_timeout: Duration,
+}
+
+impl Default for AllocatorConfig {
+    fn default() -> Self {
+        AllocatorConfig {
+            max_instances: 16,
+            cpu_millis: 4000,
+            memory_mb: 4096,
+            cull_interval: Duration::from_secs(60),
+            idle_limit: Duration::from_secs(60),
+            start_timeout: Duration::from_secs(30),
+            idle_query_timeout: Duration::from_secs(5),
+        }
+    }
+}

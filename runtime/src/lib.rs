@@ -1,0 +1,1 @@
+//! Shared runtime: node loop, HTTP front end, tunnel server (generic over the transport).
