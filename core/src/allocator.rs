@@ -10,26 +10,58 @@ use std::time::Duration;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AllocatorInput {
     /// A peer asks for an instance of `service` (a name; what to run comes from the registry).
-    Request { id: InboundId, from: PeerId, service: String },
+    Request {
+        id: InboundId,
+        from: PeerId,
+        service: String,
+    },
     /// The registry's answer to [`AllocatorOutput::Resolve`]: `Ok(None)` = no such service.
-    Resolved { service: String, result: Result<Option<ServiceInfo>, String> },
-    InstanceStarted { instance: InstanceId, peer: PeerAddr },
-    InstanceFailed { instance: InstanceId, reason: String },
-    InstanceExited { instance: InstanceId },
+    Resolved {
+        service: String,
+        result: Result<Option<ServiceInfo>, String>,
+    },
+    InstanceStarted {
+        instance: InstanceId,
+        peer: PeerAddr,
+    },
+    InstanceFailed {
+        instance: InstanceId,
+        reason: String,
+    },
+    InstanceExited {
+        instance: InstanceId,
+    },
     /// The answer to [`AllocatorOutput::QueryIdle`]: seconds idle, or why the query failed.
-    IdleAnswer { token: u64, result: Result<u64, String> },
+    IdleAnswer {
+        token: u64,
+        result: Result<u64, String>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AllocatorOutput {
     /// Look `service` up in the registry; answer with `AllocatorInput::Resolved`.
-    Resolve { service: String },
+    Resolve {
+        service: String,
+    },
     /// Answer request `id` (`Response::Allocated` or `Response::Refused`).
-    Reply { id: InboundId, response: Response },
-    Start { instance: InstanceId, service: ServiceInfo },
-    Stop { instance: InstanceId },
+    Reply {
+        id: InboundId,
+        response: Response,
+    },
+    Start {
+        instance: InstanceId,
+        service: ServiceInfo,
+    },
+    Stop {
+        instance: InstanceId,
+    },
     /// Ask the instance's sidecar how long it has been idle; answer with `IdleAnswer`.
-    QueryIdle { token: u64, peer: PeerAddr, timeout: Duration },
+    QueryIdle {
+        token: u64,
+        peer: PeerAddr,
+        timeout: Duration,
+    },
     Event(Event),
 }
 

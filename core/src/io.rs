@@ -3,9 +3,9 @@
 //! operation's result back as [`Input::OpDone`]. Bodies of HTTP requests and
 //! responses never pass through here.
 
+use crate::time::Instant;
 use crate::types::{ContentHash, DhtKey, InboundId, InstanceId, OpId, PeerAddr, PeerId, ReqId, ServiceInfo};
 use crate::wire::{Request, Response};
-use crate::time::Instant;
 use std::time::Duration;
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -43,7 +43,14 @@ impl PeerCache {
     pub fn new(_config: PeerCacheConfig, _soft_grace: Duration) -> Self {
         unimplemented!()
     }
-    pub fn insert(&mut self, _now: Instant, _service: &ContentHash, _requirements: Requirements, _peer: PeerAddr, _rtt: Duration) {
+    pub fn insert(
+        &mut self,
+        _now: Instant,
+        _service: &ContentHash,
+        _requirements: Requirements,
+        _peer: PeerAddr,
+        _rtt: Duration,
+    ) {
         unimplemented!()
     }
     pub fn lookup(&self, _service: &ContentHash) -> Option<&EntryView> {

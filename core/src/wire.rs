@@ -23,34 +23,58 @@ pub const LEN_PREFIX: usize = 4;
 pub enum Request {
     /// Ask an allocator to start an instance of the named service. The allocator
     /// looks the name up in the registry itself; a peer never says what to run.
-    Allocate { service: String },
-    RegistryGet { name: String },
+    Allocate {
+        service: String,
+    },
+    RegistryGet {
+        name: String,
+    },
     RegistryList,
-    RegistryPut { info: ServiceInfo },
-    RegistryDelete { name: String },
+    RegistryPut {
+        info: ServiceInfo,
+    },
+    RegistryDelete {
+        name: String,
+    },
     /// Allocator → instance sidecar: how long since you last served a request?
     IdleQuery,
     /// An RTT probe, for transports without one of their own.
-    Ping { nonce: u64 },
+    Ping {
+        nonce: u64,
+    },
 }
 
 /// The answer to a [`Request`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
     /// A new (or just-started) instance, dialable directly.
-    Allocated { instance: PeerAddr },
+    Allocated {
+        instance: PeerAddr,
+    },
     /// The allocator will not or cannot start one (unknown service, no capacity, failed start).
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
     /// `RegistryGet`: the entry, or `None` when no such service is registered.
-    Service { info: Option<ServiceInfo> },
-    Services { infos: Vec<ServiceInfo> },
+    Service {
+        info: Option<ServiceInfo>,
+    },
+    Services {
+        infos: Vec<ServiceInfo>,
+    },
     /// `RegistryPut` / `RegistryDelete` done.
     Done,
     /// `IdleQuery`: whole seconds since the last served request.
-    Idle { seconds: u64 },
-    Pong { nonce: u64 },
+    Idle {
+        seconds: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
     /// The peer could not handle the request (wrong role, invalid input).
-    Error { reason: String },
+    Error {
+        reason: String,
+    },
 }
 
 /// Envelope for transports without their own request/response correlation
