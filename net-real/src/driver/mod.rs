@@ -1,0 +1,1 @@
+//! Instance drivers (process; docker later).

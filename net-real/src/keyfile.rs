@@ -1,0 +1,1 @@
+//! Persistent identity key files.
