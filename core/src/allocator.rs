@@ -14,7 +14,10 @@
 //!   instead of waiting for the DHT to show it.
 //!
 //! Every [`AllocatorInput::Request`] gets exactly one [`AllocatorOutput::Reply`]:
-//! from the registry's answer, the start's outcome, or a timeout. Inputs naming
+//! from the registry's answer, the start's outcome, or a timeout. A registry answer
+//! that has not come within `start_timeout` (a safety net; the node's own registry
+//! timeout should fire long before) refuses the requests waiting on it, and a late
+//! answer is then ignored. Inputs naming
 //! unknown instances or tokens, or answering nothing asked, are ignored.
 
 use crate::config::AllocatorConfig;
@@ -142,6 +145,7 @@ pub struct Allocator {
 }
 
 impl Allocator {
+    /// An allocator with no instances; its first cull round is `cull_interval` after `now`.
     pub fn new(config: AllocatorConfig, now: Instant) -> Self {
         let next_cull = now + config.cull_interval.max(MIN_CULL_INTERVAL);
         Allocator {
@@ -157,6 +161,8 @@ impl Allocator {
         }
     }
 
+    /// Feed one input. Inputs about unknown instances, tokens or services nobody
+    /// asked about are ignored; a request id already being handled is ignored.
     pub fn handle_input(&mut self, now: Instant, input: AllocatorInput) {
         match input {
             AllocatorInput::Request { id, from: _, service } => self.on_request(now, id, service),
@@ -172,6 +178,9 @@ impl Allocator {
         }
     }
 
+    /// Act on every deadline at or before `now` (registry answers and starts not
+    /// reported in time, unanswered idle queries, the cull round). Calling it early
+    /// is harmless.
     pub fn handle_timeout(&mut self, now: Instant) {
         // Registry answers that never came.
         let expired: Vec<String> =
@@ -224,10 +233,14 @@ impl Allocator {
         }
     }
 
+    /// The next output, in the order decided.
     pub fn poll_output(&mut self) -> Option<AllocatorOutput> {
         self.outputs.pop_front()
     }
 
+    /// When to call [`Allocator::handle_timeout`] next: the earliest of the next cull
+    /// round, start deadlines, idle-query deadlines and registry-answer deadlines.
+    /// Always `Some` (there is always a next cull round).
     pub fn poll_timeout(&self) -> Option<Instant> {
         let starts = self.instances.values().filter_map(|i| match i.state {
             InstanceState::Starting { deadline, .. } => Some(deadline),
@@ -238,6 +251,7 @@ impl Allocator {
         starts.chain(resolves).chain(queries).chain(std::iter::once(self.next_cull)).min()
     }
 
+    /// Starting and up instances, in [`InstanceId`] order.
     pub fn instances(&self) -> impl Iterator<Item = InstanceView> + '_ {
         self.instances.iter().map(|(id, inst)| InstanceView {
             instance: *id,
@@ -436,5 +450,477 @@ impl Allocator {
 
     fn event(&mut self, event: Event) {
         self.outputs.push_back(AllocatorOutput::Event(event));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::perf::Requirements;
+    use crate::types::{ContentHash, RunSpec};
+
+    fn info(name: &str, cpu_millis: u32, memory_mb: u32) -> ServiceInfo {
+        ServiceInfo {
+            name: name.to_string(),
+            hash: ContentHash(format!("hash-{name}")),
+            run: RunSpec::Image { image: format!("{name}:latest") },
+            requirements: Requirements::default(),
+            cpu_millis,
+            memory_mb,
+            stateful: false,
+        }
+    }
+
+    fn at(secs: u64) -> Instant {
+        Instant::from_micros(secs * 1_000_000)
+    }
+
+    fn addr(name: &str) -> PeerAddr {
+        PeerAddr::new(name, vec![format!("/ip4/10.0.0.1/tcp/4001/{name}")])
+    }
+
+    fn drain(a: &mut Allocator) -> Vec<AllocatorOutput> {
+        std::iter::from_fn(|| a.poll_output()).collect()
+    }
+
+    fn request(a: &mut Allocator, now: Instant, id: u64, service: &str) {
+        a.handle_input(
+            now,
+            AllocatorInput::Request { id: InboundId(id), from: PeerId("client".into()), service: service.into() },
+        );
+    }
+
+    fn resolve(a: &mut Allocator, now: Instant, service: &str, result: Result<Option<ServiceInfo>, String>) {
+        a.handle_input(now, AllocatorInput::Resolved { service: service.into(), result });
+    }
+
+    fn replies(outs: &[AllocatorOutput]) -> Vec<(u64, Response)> {
+        outs.iter()
+            .filter_map(|o| match o {
+                AllocatorOutput::Reply { id, response } => Some((id.0, response.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn starts(outs: &[AllocatorOutput]) -> Vec<InstanceId> {
+        outs.iter()
+            .filter_map(|o| match o {
+                AllocatorOutput::Start { instance, .. } => Some(*instance),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn stops(outs: &[AllocatorOutput]) -> Vec<InstanceId> {
+        outs.iter()
+            .filter_map(|o| match o {
+                AllocatorOutput::Stop { instance } => Some(*instance),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn idle_queries(outs: &[AllocatorOutput]) -> Vec<(u64, PeerAddr)> {
+        outs.iter()
+            .filter_map(|o| match o {
+                AllocatorOutput::QueryIdle { token, peer, .. } => Some((*token, peer.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn refused_with(outs: &[AllocatorOutput], id: u64, needle: &str) -> bool {
+        replies(outs)
+            .iter()
+            .any(|(i, r)| *i == id && matches!(r, Response::Refused { reason } if reason.contains(needle)))
+    }
+
+    /// Request `service`, let the registry answer with `svc`, and return the Start's instance.
+    fn start_one(a: &mut Allocator, now: Instant, id: u64, svc: &ServiceInfo) -> InstanceId {
+        request(a, now, id, &svc.name);
+        resolve(a, now, &svc.name, Ok(Some(svc.clone())));
+        let outs = drain(a);
+        let s = starts(&outs);
+        assert_eq!(s.len(), 1, "expected one start: {outs:?}");
+        s[0]
+    }
+
+    /// Start `svc` and report it up as `peer`.
+    fn bring_up(a: &mut Allocator, now: Instant, id: u64, svc: &ServiceInfo, peer: &str) -> InstanceId {
+        let instance = start_one(a, now, id, svc);
+        a.handle_input(now, AllocatorInput::InstanceStarted { instance, peer: addr(peer) });
+        drain(a);
+        instance
+    }
+
+    fn new_alloc(config: AllocatorConfig) -> Allocator {
+        Allocator::new(config, Instant::ZERO)
+    }
+
+    #[test]
+    fn request_asks_the_registry_and_never_starts_what_the_peer_names() {
+        let mut a = new_alloc(AllocatorConfig::default());
+        request(&mut a, at(0), 1, "evil; rm -rf /");
+        assert_eq!(drain(&mut a), vec![AllocatorOutput::Resolve { service: "evil; rm -rf /".into() }]);
+    }
+
+    #[test]
+    fn unknown_service_is_refused() {
+        let mut a = new_alloc(AllocatorConfig::default());
+        request(&mut a, at(0), 1, "nope");
+        drain(&mut a);
+        resolve(&mut a, at(0), "nope", Ok(None));
+        let outs = drain(&mut a);
+        assert_eq!(replies(&outs).len(), 1);
+        assert!(refused_with(&outs, 1, "unknown to the registry"), "{outs:?}");
+        assert!(starts(&outs).is_empty());
+        assert_eq!(a.instances().count(), 0);
+        assert_eq!(a.pending_requests(), 0);
+    }
+
+    #[test]
+    fn registry_error_is_refused() {
+        let mut a = new_alloc(AllocatorConfig::default());
+        request(&mut a, at(0), 1, "web");
+        request(&mut a, at(0), 2, "web");
+        drain(&mut a);
+        resolve(&mut a, at(0), "web", Err("connection reset".into()));
+        let outs = drain(&mut a);
+        assert!(refused_with(&outs, 1, "registry unavailable: connection reset"), "{outs:?}");
+        assert!(refused_with(&outs, 2, "registry unavailable: connection reset"), "{outs:?}");
+        assert!(starts(&outs).is_empty());
+    }
+
+    #[test]
+    fn admitted_start_answers_allocated_with_the_started_peer() {
+        let mut a = new_alloc(AllocatorConfig::default());
+        let svc = info("web", 500, 256);
+        request(&mut a, at(0), 7, "web");
+        resolve(&mut a, at(0), "web", Ok(Some(svc.clone())));
+        let outs = drain(&mut a);
+        let instance = InstanceId(1);
+        assert_eq!(
+            outs,
+            vec![
+                AllocatorOutput::Resolve { service: "web".into() },
+                AllocatorOutput::Event(Event::InstanceStarting { instance, service: "web".into() }),
+                AllocatorOutput::Start { instance, service: svc },
+            ]
+        );
+        assert_eq!(
+            a.instances().collect::<Vec<_>>(),
+            vec![InstanceView { instance, service: "web".into(), peer: None }]
+        );
+        a.handle_input(at(2), AllocatorInput::InstanceStarted { instance, peer: addr("inst-1") });
+        let outs = drain(&mut a);
+        assert_eq!(
+            outs,
+            vec![
+                AllocatorOutput::Reply { id: InboundId(7), response: Response::Allocated { instance: addr("inst-1") } },
+                AllocatorOutput::Event(Event::InstanceUp {
+                    instance,
+                    service: "web".into(),
+                    peer: PeerId("inst-1".into())
+                }),
+            ]
+        );
+        assert_eq!(a.instances().next().and_then(|v| v.peer), Some(addr("inst-1")));
+    }
+
+    #[test]
+    fn concurrent_requests_share_one_resolve_and_one_start() {
+        let mut a = new_alloc(AllocatorConfig::default());
+        let svc = info("web", 500, 256);
+        for id in 1..=3 {
+            request(&mut a, at(0), id, "web");
+        }
+        resolve(&mut a, at(0), "web", Ok(Some(svc.clone())));
+        // Two more arrive while the instance boots.
+        request(&mut a, at(1), 4, "web");
+        request(&mut a, at(1), 5, "web");
+        resolve(&mut a, at(1), "web", Ok(Some(svc.clone())));
+        let outs = drain(&mut a);
+        let resolves = outs.iter().filter(|o| matches!(o, AllocatorOutput::Resolve { .. })).count();
+        assert_eq!(resolves, 2, "one Resolve per batch: {outs:?}");
+        let s = starts(&outs);
+        assert_eq!(s.len(), 1, "{outs:?}");
+        assert!(replies(&outs).is_empty());
+        a.handle_input(at(3), AllocatorInput::InstanceStarted { instance: s[0], peer: addr("inst") });
+        let outs = drain(&mut a);
+        let r = replies(&outs);
+        assert_eq!(r.len(), 5);
+        for (i, (id, resp)) in r.iter().enumerate() {
+            assert_eq!(*id, i as u64 + 1);
+            assert_eq!(*resp, Response::Allocated { instance: addr("inst") });
+        }
+        assert_eq!(a.pending_requests(), 0);
+    }
+
+    #[test]
+    fn already_up_instance_is_reused_without_start() {
+        let mut a = new_alloc(AllocatorConfig::default());
+        let svc = info("web", 500, 256);
+        bring_up(&mut a, at(0), 1, &svc, "inst");
+        request(&mut a, at(5), 2, "web");
+        resolve(&mut a, at(5), "web", Ok(Some(svc)));
+        let outs = drain(&mut a);
+        assert!(starts(&outs).is_empty(), "{outs:?}");
+        assert_eq!(replies(&outs), vec![(2, Response::Allocated { instance: addr("inst") })]);
+        assert_eq!(a.instances().count(), 1);
+    }
+
+    #[test]
+    fn a_new_image_of_the_same_service_gets_its_own_instance() {
+        let mut a = new_alloc(AllocatorConfig::default());
+        let old = info("web", 500, 256);
+        bring_up(&mut a, at(0), 1, &old, "old");
+        let mut new = old.clone();
+        new.hash = ContentHash("hash-web-v2".into());
+        request(&mut a, at(5), 2, "web");
+        resolve(&mut a, at(5), "web", Ok(Some(new)));
+        let outs = drain(&mut a);
+        assert_eq!(starts(&outs).len(), 1, "{outs:?}");
+        assert!(replies(&outs).is_empty());
+    }
+
+    #[test]
+    fn capacity_by_count() {
+        let mut a = new_alloc(AllocatorConfig { max_instances: 2, ..AllocatorConfig::default() });
+        bring_up(&mut a, at(0), 1, &info("a", 1, 1), "pa");
+        start_one(&mut a, at(0), 2, &info("b", 1, 1)); // starting counts too
+        request(&mut a, at(1), 3, "c");
+        resolve(&mut a, at(1), "c", Ok(Some(info("c", 1, 1))));
+        let outs = drain(&mut a);
+        assert!(starts(&outs).is_empty());
+        assert!(refused_with(&outs, 3, "instances"), "{outs:?}");
+    }
+
+    #[test]
+    fn capacity_by_cpu() {
+        let mut a = new_alloc(AllocatorConfig { cpu_millis: 1000, ..AllocatorConfig::default() });
+        bring_up(&mut a, at(0), 1, &info("a", 600, 1), "pa");
+        request(&mut a, at(1), 2, "b");
+        resolve(&mut a, at(1), "b", Ok(Some(info("b", 401, 1))));
+        let outs = drain(&mut a);
+        assert!(starts(&outs).is_empty());
+        assert!(refused_with(&outs, 2, "CPU"), "{outs:?}");
+        // Exactly filling the machine is fine.
+        start_one(&mut a, at(1), 3, &info("c", 400, 1));
+    }
+
+    #[test]
+    fn capacity_by_memory() {
+        let mut a = new_alloc(AllocatorConfig { memory_mb: 1024, ..AllocatorConfig::default() });
+        start_one(&mut a, at(0), 1, &info("a", 1, 1000));
+        request(&mut a, at(1), 2, "b");
+        resolve(&mut a, at(1), "b", Ok(Some(info("b", 1, 25))));
+        let outs = drain(&mut a);
+        assert!(starts(&outs).is_empty());
+        assert!(refused_with(&outs, 2, "memory"), "{outs:?}");
+        start_one(&mut a, at(1), 3, &info("c", 1, 24));
+    }
+
+    #[test]
+    fn a_service_larger_than_the_machine_is_refused() {
+        let mut a = new_alloc(AllocatorConfig { cpu_millis: 1000, ..AllocatorConfig::default() });
+        request(&mut a, at(0), 1, "big");
+        resolve(&mut a, at(0), "big", Ok(Some(info("big", u32::MAX, u32::MAX))));
+        let outs = drain(&mut a);
+        assert!(refused_with(&outs, 1, "CPU"), "{outs:?}");
+    }
+
+    #[test]
+    fn start_failure_refuses_all_waiters() {
+        let mut a = new_alloc(AllocatorConfig::default());
+        let svc = info("web", 500, 256);
+        let instance = start_one(&mut a, at(0), 1, &svc);
+        request(&mut a, at(1), 2, "web");
+        resolve(&mut a, at(1), "web", Ok(Some(svc)));
+        drain(&mut a);
+        a.handle_input(at(2), AllocatorInput::InstanceFailed { instance, reason: "image not found".into() });
+        let outs = drain(&mut a);
+        assert_eq!(replies(&outs).len(), 2);
+        assert!(refused_with(&outs, 1, "image not found"), "{outs:?}");
+        assert!(refused_with(&outs, 2, "image not found"), "{outs:?}");
+        assert!(outs.iter().any(|o| matches!(o, AllocatorOutput::Event(Event::InstanceGone { .. }))));
+        assert_eq!(a.instances().count(), 0);
+        // A late success for the forgotten instance is ignored.
+        a.handle_input(at(3), AllocatorInput::InstanceStarted { instance, peer: addr("late") });
+        assert!(drain(&mut a).is_empty());
+    }
+
+    #[test]
+    fn start_timeout_stops_and_refuses_all_waiters() {
+        let mut a = new_alloc(AllocatorConfig::default());
+        let svc = info("web", 500, 256);
+        let instance = start_one(&mut a, at(0), 1, &svc);
+        request(&mut a, at(10), 2, "web");
+        resolve(&mut a, at(10), "web", Ok(Some(svc)));
+        drain(&mut a);
+        assert_eq!(a.poll_timeout(), Some(at(30)));
+        a.handle_timeout(at(29));
+        assert!(drain(&mut a).is_empty());
+        a.handle_timeout(at(30));
+        let outs = drain(&mut a);
+        assert_eq!(stops(&outs), vec![instance]);
+        assert!(refused_with(&outs, 1, "did not start"), "{outs:?}");
+        assert!(refused_with(&outs, 2, "did not start"), "{outs:?}");
+        assert_eq!(a.instances().count(), 0);
+        assert_eq!(a.poll_timeout(), Some(at(60)));
+    }
+
+    #[test]
+    fn exit_while_starting_refuses_waiters() {
+        let mut a = new_alloc(AllocatorConfig::default());
+        let instance = start_one(&mut a, at(0), 1, &info("web", 1, 1));
+        a.handle_input(at(1), AllocatorInput::InstanceExited { instance });
+        let outs = drain(&mut a);
+        assert!(refused_with(&outs, 1, "exited"), "{outs:?}");
+    }
+
+    #[test]
+    fn instance_exited_frees_capacity() {
+        let mut a = new_alloc(AllocatorConfig { max_instances: 1, ..AllocatorConfig::default() });
+        let instance = bring_up(&mut a, at(0), 1, &info("a", 1, 1), "pa");
+        request(&mut a, at(1), 2, "b");
+        resolve(&mut a, at(1), "b", Ok(Some(info("b", 1, 1))));
+        assert!(refused_with(&drain(&mut a), 2, "instances"));
+        a.handle_input(at(2), AllocatorInput::InstanceExited { instance });
+        let outs = drain(&mut a);
+        assert!(outs
+            .iter()
+            .any(|o| matches!(o, AllocatorOutput::Event(Event::InstanceGone { instance: i, .. }) if *i == instance)));
+        assert_eq!(a.instances().count(), 0);
+        start_one(&mut a, at(3), 3, &info("b", 1, 1));
+    }
+
+    #[test]
+    fn first_cull_is_one_interval_after_start() {
+        let mut a = Allocator::new(AllocatorConfig::default(), at(100));
+        assert_eq!(a.poll_timeout(), Some(at(160)));
+        bring_up(&mut a, at(100), 1, &info("web", 1, 1), "inst");
+        a.handle_timeout(at(159));
+        assert!(drain(&mut a).is_empty());
+        a.handle_timeout(at(160));
+        let q = idle_queries(&drain(&mut a));
+        assert_eq!(q.len(), 1);
+        assert_eq!(q[0].1, addr("inst"));
+        // The query's own timeout is now the earliest deadline; the next round follows at 220 s.
+        assert_eq!(a.poll_timeout(), Some(at(165)));
+        a.handle_input(at(161), AllocatorInput::IdleAnswer { token: q[0].0, result: Ok(1) });
+        assert_eq!(a.poll_timeout(), Some(at(220)));
+    }
+
+    /// Bring one instance up, run a cull round and answer its idle query with `result`.
+    fn cull_with(result: Option<Result<u64, String>>) -> (Vec<AllocatorOutput>, InstanceId, Allocator) {
+        let mut a = new_alloc(AllocatorConfig::default());
+        let instance = bring_up(&mut a, at(0), 1, &info("web", 1, 1), "inst");
+        a.handle_timeout(at(60));
+        let q = idle_queries(&drain(&mut a));
+        assert_eq!(q.len(), 1);
+        match result {
+            Some(result) => a.handle_input(at(61), AllocatorInput::IdleAnswer { token: q[0].0, result }),
+            None => a.handle_timeout(at(65)),
+        }
+        (drain(&mut a), instance, a)
+    }
+
+    fn culled(outs: &[AllocatorOutput], instance: InstanceId, needle: &str) -> bool {
+        stops(outs) == vec![instance]
+            && outs.iter().any(|o| {
+                matches!(o, AllocatorOutput::Event(Event::InstanceCulled { instance: i, reason, .. })
+                    if *i == instance && reason.contains(needle))
+            })
+    }
+
+    #[test]
+    fn culling_stops_an_instance_idle_over_the_limit() {
+        let (outs, instance, a) = cull_with(Some(Ok(61)));
+        assert!(culled(&outs, instance, "idle for 61s"), "{outs:?}");
+        assert_eq!(a.instances().count(), 0);
+    }
+
+    #[test]
+    fn culling_keeps_an_instance_idle_up_to_the_limit() {
+        let (outs, _, mut a) = cull_with(Some(Ok(60)));
+        assert!(outs.is_empty(), "{outs:?}");
+        assert_eq!(a.instances().count(), 1);
+        // It is asked again the next round.
+        a.handle_timeout(at(120));
+        assert_eq!(idle_queries(&drain(&mut a)).len(), 1);
+    }
+
+    #[test]
+    fn culling_stops_an_instance_whose_idle_query_failed() {
+        let (outs, instance, _) = cull_with(Some(Err("connection refused".into())));
+        assert!(culled(&outs, instance, "connection refused"), "{outs:?}");
+    }
+
+    #[test]
+    fn culling_stops_an_instance_that_answered_garbage() {
+        let (outs, instance, _) = cull_with(Some(Err("malformed answer: \"abc\"".into())));
+        assert!(culled(&outs, instance, "malformed"), "{outs:?}");
+    }
+
+    #[test]
+    fn culling_stops_an_instance_whose_idle_query_timed_out() {
+        let (outs, instance, mut a) = cull_with(None);
+        assert!(culled(&outs, instance, "idle query timed out"), "{outs:?}");
+        assert_eq!(a.instances().count(), 0);
+        // The late answer is ignored.
+        a.handle_input(at(66), AllocatorInput::IdleAnswer { token: 1, result: Ok(0) });
+        assert!(drain(&mut a).is_empty());
+    }
+
+    #[test]
+    fn culled_instance_frees_its_slot_for_a_new_start() {
+        let (_, _, mut a) = cull_with(Some(Ok(1000)));
+        start_one(&mut a, at(62), 2, &info("web", 1, 1));
+    }
+
+    #[test]
+    fn unknown_inputs_are_ignored() {
+        let mut a = new_alloc(AllocatorConfig::default());
+        resolve(&mut a, at(0), "never-asked", Ok(Some(info("x", 1, 1))));
+        a.handle_input(at(0), AllocatorInput::InstanceStarted { instance: InstanceId(42), peer: addr("x") });
+        a.handle_input(at(0), AllocatorInput::InstanceFailed { instance: InstanceId(42), reason: "x".into() });
+        a.handle_input(at(0), AllocatorInput::InstanceExited { instance: InstanceId(42) });
+        a.handle_input(at(0), AllocatorInput::IdleAnswer { token: 42, result: Ok(u64::MAX) });
+        assert!(drain(&mut a).is_empty());
+        assert_eq!(a.instances().count(), 0);
+    }
+
+    #[test]
+    fn a_registry_that_never_answers_still_gets_the_request_refused() {
+        let mut a = new_alloc(AllocatorConfig::default());
+        request(&mut a, at(0), 1, "web");
+        drain(&mut a);
+        assert_eq!(a.poll_timeout(), Some(at(30)));
+        a.handle_timeout(at(30));
+        let outs = drain(&mut a);
+        assert!(refused_with(&outs, 1, "registry unavailable"), "{outs:?}");
+        // Its answer, late, is ignored.
+        resolve(&mut a, at(31), "web", Ok(Some(info("web", 1, 1))));
+        assert!(drain(&mut a).is_empty());
+    }
+
+    #[test]
+    fn a_repeated_request_id_is_answered_once() {
+        let mut a = new_alloc(AllocatorConfig::default());
+        request(&mut a, at(0), 1, "web");
+        request(&mut a, at(0), 1, "web");
+        resolve(&mut a, at(0), "web", Ok(None));
+        assert_eq!(replies(&drain(&mut a)).len(), 1);
+    }
+
+    #[test]
+    fn zero_cull_interval_does_not_spin() {
+        let mut a =
+            Allocator::new(AllocatorConfig { cull_interval: Duration::ZERO, ..AllocatorConfig::default() }, at(0));
+        let first = a.poll_timeout().expect("a cull deadline");
+        assert!(first > at(0));
+        a.handle_timeout(first);
+        assert!(a.poll_timeout().expect("a cull deadline") > first);
     }
 }

@@ -1,1 +1,774 @@
-//! TODO
+//! The LCA manager inside every proxy: find or allocate an instance for each client
+//! request (DESIGN.md §2), keep the peer cache fresh, and, in service mode,
+//! advertise the served service and answer idle queries.
+//!
+//! Requests for one service share one discovery. A discovery runs up to
+//! `attempts` rounds of: find providers → probe them within one shared budget →
+//! use the best, or (none usable / best too slow) ask the closest allocators for a
+//! new instance → dial the instance the allocator names directly → if that fails,
+//! re-find with backoff. Every accepted request gets exactly one
+//! [`ManagerOutput::Respond`] no later than its deadline.
+
+use crate::config::{ManagerConfig, PeerCacheConfig};
+use crate::io::{Event, OpResult, Outcome};
+use crate::peer_cache::{PeerCache, PeerCacheOutput};
+use crate::perf::{Class, PerfSample, Requirements};
+use crate::registry_cache::Resolution;
+use crate::time::{earliest, Instant};
+use crate::types::{ContentHash, DhtKey, PeerAddr, PeerId, ReqId, ServiceInfo};
+use crate::wire::{Request, Response};
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ManagerOutput {
+    Respond {
+        req: ReqId,
+        outcome: Outcome,
+    },
+    /// Resolve a service name through the registry cache.
+    Resolve {
+        name: String,
+    },
+    Find {
+        token: u64,
+        key: DhtKey,
+        timeout: Duration,
+    },
+    Probe {
+        token: u64,
+        peer: PeerAddr,
+        timeout: Duration,
+    },
+    Send {
+        token: u64,
+        peer: PeerAddr,
+        request: Request,
+        timeout: Duration,
+    },
+    Advertise {
+        key: DhtKey,
+    },
+    Event(Event),
+}
+
+/// Why a discovery runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Purpose {
+    /// Requests are waiting for an instance.
+    Serve,
+    /// The cached `current` instance has been too slow for a while: find one with a
+    /// lower RTT than its `rtt`, or keep it.
+    SeekBetter { current: PeerId, rtt: Duration },
+}
+
+/// A candidate with its measured RTT.
+type Measured = (PeerAddr, Duration);
+
+#[derive(Clone, Debug)]
+enum Phase {
+    FindingInstances {
+        token: u64,
+    },
+    ProbingInstances(ProbeRound),
+    FindingAllocators {
+        token: u64,
+    },
+    ProbingAllocators(ProbeRound),
+    /// Asked `order[next - 1]`; the rest of `order` is asked in turn on refusal.
+    Allocating {
+        order: Vec<Measured>,
+        next: usize,
+        token: u64,
+    },
+    /// Dialling the instance an allocator just started.
+    ProbingNew {
+        token: u64,
+        instance: PeerAddr,
+    },
+    /// Backing off before re-finding the new instance in the DHT.
+    RefindWait {
+        until: Instant,
+        tries: u32,
+    },
+    Refinding {
+        token: u64,
+        tries: u32,
+    },
+    ProbingRefound {
+        round: ProbeRound,
+        tries: u32,
+    },
+}
+
+/// Probes sent to a set of candidates, sharing one deadline.
+#[derive(Clone, Debug, Default)]
+struct ProbeRound {
+    pending: BTreeMap<u64, PeerAddr>,
+    answered: Vec<Measured>,
+    deadline: Instant,
+}
+
+impl ProbeRound {
+    fn is_done(&self, now: Instant) -> bool {
+        self.pending.is_empty() || now >= self.deadline
+    }
+
+    /// Answered candidates sorted by RTT (ties broken by peer id, for determinism).
+    fn sorted(&self) -> Vec<Measured> {
+        let mut v = self.answered.clone();
+        v.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.peer.cmp(&b.0.peer)));
+        v
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Discovery {
+    info: ServiceInfo,
+    requirements: Requirements,
+    purpose: Purpose,
+    waiters: Vec<ReqId>,
+    attempt: u32,
+    started: Instant,
+    /// The best instance found but over the soft limit: kept if no allocator does better.
+    fallback: Option<Measured>,
+    allocated: bool,
+    phase: Phase,
+}
+
+#[derive(Clone, Debug)]
+struct PendingRequest {
+    service: String,
+    deadline: Instant,
+}
+
+/// Service mode state.
+#[derive(Clone, Debug)]
+struct Serving {
+    name: String,
+    info: Option<ServiceInfo>,
+    last_served: Instant,
+    next_advertise: Instant,
+}
+
+pub struct Manager {
+    config: ManagerConfig,
+    defaults: Requirements,
+    local: PeerId,
+    cache: PeerCache,
+    /// Requests accepted and not yet answered.
+    requests: BTreeMap<ReqId, PendingRequest>,
+    /// Requests waiting for their service name to resolve, by name.
+    resolving: BTreeMap<String, Vec<ReqId>>,
+    /// At most one discovery per service name.
+    discoveries: BTreeMap<String, Discovery>,
+    /// Which discovery each outstanding operation belongs to.
+    ops: BTreeMap<u64, String>,
+    /// Peer-cache probe tokens, mapped to our own op tokens.
+    cache_probes: BTreeMap<u64, u64>,
+    /// Service info of everything we cached an instance of (for seek-better rounds).
+    known: BTreeMap<ContentHash, ServiceInfo>,
+    next_token: u64,
+    serving: Option<Serving>,
+    out: VecDeque<ManagerOutput>,
+}
+
+impl Manager {
+    pub fn new(
+        config: ManagerConfig,
+        cache_config: PeerCacheConfig,
+        defaults: Requirements,
+        local: PeerId,
+        serve: Option<String>,
+        now: Instant,
+    ) -> Self {
+        let cache = PeerCache::new(cache_config, config.soft_grace);
+        let mut m = Manager {
+            config,
+            defaults,
+            local,
+            cache,
+            requests: BTreeMap::new(),
+            resolving: BTreeMap::new(),
+            discoveries: BTreeMap::new(),
+            ops: BTreeMap::new(),
+            cache_probes: BTreeMap::new(),
+            known: BTreeMap::new(),
+            next_token: 0,
+            serving: None,
+            out: VecDeque::new(),
+        };
+        if let Some(name) = serve {
+            m.out.push_back(ManagerOutput::Resolve { name: name.clone() });
+            m.serving = Some(Serving { name, info: None, last_served: now, next_advertise: now });
+        }
+        m
+    }
+
+    pub fn peer_cache(&self) -> &PeerCache {
+        &self.cache
+    }
+
+    fn token(&mut self) -> u64 {
+        self.next_token += 1;
+        self.next_token
+    }
+
+    fn respond(&mut self, req: ReqId, outcome: Outcome) {
+        if self.requests.remove(&req).is_some() {
+            self.out.push_back(ManagerOutput::Respond { req, outcome });
+        }
+    }
+
+    fn fail(&mut self, req: ReqId, status: u16, reason: String) {
+        self.respond(req, Outcome::Fail { status, reason });
+    }
+
+    // ---- client requests -------------------------------------------------
+
+    /// A client request for `service`. `resolution` is the registry cache's answer
+    /// when it had one at hand; otherwise the request waits for [`Self::resolved`].
+    pub fn http_request(
+        &mut self,
+        now: Instant,
+        req: ReqId,
+        service: String,
+        deadline: Instant,
+        resolution: Option<Resolution>,
+    ) {
+        if now >= deadline {
+            self.out.push_back(ManagerOutput::Respond {
+                req,
+                outcome: Outcome::Fail { status: 504, reason: "request deadline already passed".into() },
+            });
+            return;
+        }
+        self.requests.insert(req, PendingRequest { service: service.clone(), deadline });
+        match resolution {
+            Some(r) => self.proceed(now, req, &service, r),
+            None => {
+                let waiting = self.resolving.entry(service.clone()).or_default();
+                waiting.push(req);
+                if waiting.len() == 1 {
+                    self.out.push_back(ManagerOutput::Resolve { name: service });
+                }
+            }
+        }
+    }
+
+    /// The registry cache resolved `name`.
+    pub fn resolved(&mut self, now: Instant, name: &str, resolution: Resolution) {
+        if let Some(s) = self.serving.as_mut().filter(|s| s.name == name) {
+            if let Resolution::Found(info) = &resolution {
+                s.info = Some(info.clone());
+                s.next_advertise = now;
+            }
+        }
+        for req in self.resolving.remove(name).unwrap_or_default() {
+            self.proceed(now, req, name, resolution.clone());
+        }
+    }
+
+    fn proceed(&mut self, now: Instant, req: ReqId, name: &str, resolution: Resolution) {
+        let info = match resolution {
+            Resolution::Found(info) => info,
+            Resolution::Unknown => {
+                return self.fail(req, 404, format!("unknown service '{name}': it is not in the registry"));
+            }
+            Resolution::Unavailable(e) => {
+                return self.fail(req, 503, format!("cannot resolve service '{name}': registry unavailable: {e}"));
+            }
+        };
+        if let Some(entry) = self.cache.lookup(&info.hash) {
+            let instance = entry.peer.clone();
+            self.out.push_back(ManagerOutput::Event(Event::CacheHit {
+                service: name.to_string(),
+                instance: instance.peer.clone(),
+            }));
+            return self.respond(req, Outcome::Route { instance, service: info.hash });
+        }
+        match self.discoveries.get_mut(name) {
+            Some(d) => d.waiters.push(req),
+            None => self.start_discovery(now, info, Purpose::Serve, vec![req]),
+        }
+    }
+
+    /// Forwarding to `peer` failed: it is no longer trusted for `service`.
+    pub fn route_failed(&mut self, now: Instant, service: &ContentHash, peer: &PeerId, reason: &str) {
+        self.cache.remove(service, peer, &format!("request failed: {reason}"));
+        self.drain_cache(now);
+    }
+
+    // ---- discovery -------------------------------------------------------
+
+    fn start_discovery(&mut self, now: Instant, info: ServiceInfo, purpose: Purpose, waiters: Vec<ReqId>) {
+        let requirements = info.requirements.or(self.defaults);
+        let name = info.name.clone();
+        let d = Discovery {
+            info,
+            requirements,
+            purpose,
+            waiters,
+            attempt: 0,
+            started: now,
+            fallback: None,
+            allocated: false,
+            phase: Phase::RefindWait { until: now, tries: 0 }, // replaced right below
+        };
+        self.discoveries.insert(name.clone(), d);
+        self.find_instances(&name);
+    }
+
+    fn find_instances(&mut self, name: &str) {
+        let token = self.token();
+        let Some(d) = self.discoveries.get_mut(name) else { return };
+        d.fallback = None;
+        d.phase = Phase::FindingInstances { token };
+        let key = DhtKey::Service(d.info.hash.clone());
+        self.ops.insert(token, name.to_string());
+        self.out.push_back(ManagerOutput::Find { token, key, timeout: self.config.find_timeout });
+    }
+
+    fn find_allocators(&mut self, name: &str) {
+        let token = self.token();
+        let Some(d) = self.discoveries.get_mut(name) else { return };
+        d.phase = Phase::FindingAllocators { token };
+        self.ops.insert(token, name.to_string());
+        self.out.push_back(ManagerOutput::Find { token, key: DhtKey::Allocators, timeout: self.config.find_timeout });
+    }
+
+    /// Probe `peers` (minus ourselves) within the shared budget.
+    fn probe_round(&mut self, now: Instant, name: &str, peers: Vec<PeerAddr>, timeout: Duration) -> ProbeRound {
+        let mut round = ProbeRound { deadline: now + timeout, ..ProbeRound::default() };
+        let mut seen = std::collections::BTreeSet::new();
+        for peer in peers {
+            if peer.peer == self.local || !seen.insert(peer.peer.clone()) {
+                continue;
+            }
+            let token = self.token();
+            self.ops.insert(token, name.to_string());
+            round.pending.insert(token, peer.clone());
+            self.out.push_back(ManagerOutput::Probe { token, peer, timeout });
+        }
+        round
+    }
+
+    /// The result of an operation this manager asked for.
+    pub fn op_done(&mut self, now: Instant, token: u64, result: OpResult) {
+        if let Some(cache_token) = self.cache_probes.remove(&token) {
+            let rtt = match &result {
+                OpResult::Rtt(rtt) => Some(*rtt),
+                _ => None,
+            };
+            self.cache.probe_result(now, cache_token, rtt);
+            self.drain_cache(now);
+            return;
+        }
+        let Some(name) = self.ops.remove(&token) else { return };
+        let Some(mut d) = self.discoveries.remove(&name) else { return };
+        let phase = std::mem::replace(&mut d.phase, Phase::RefindWait { until: now, tries: 0 });
+        self.discoveries.insert(name.clone(), d);
+        self.advance(now, &name, phase, Some((token, result)));
+    }
+
+    /// Move discovery `name` on from `phase`, given an operation result (or none,
+    /// when only time passed).
+    fn advance(&mut self, now: Instant, name: &str, phase: Phase, result: Option<(u64, OpResult)>) {
+        let budget = self.config.probe_budget;
+        match (phase, result) {
+            (Phase::FindingInstances { token }, Some((t, result))) if t == token => {
+                let providers = providers_of(result);
+                if providers.is_empty() {
+                    return self.find_allocators(name);
+                }
+                let round = self.probe_round(now, name, providers, budget);
+                self.set_phase(name, Phase::ProbingInstances(round));
+                self.check_round(now, name);
+            }
+            (Phase::ProbingInstances(round), r) => {
+                let round = record_probe(round, r);
+                self.set_phase(name, Phase::ProbingInstances(round));
+                self.check_round(now, name);
+            }
+            (Phase::FindingAllocators { token }, Some((t, result))) if t == token => {
+                let allocators = providers_of(result);
+                if allocators.is_empty() {
+                    return self.no_allocation(now, name, "no allocator found in the DHT".into());
+                }
+                let round = self.probe_round(now, name, allocators, budget);
+                self.set_phase(name, Phase::ProbingAllocators(round));
+                self.check_round(now, name);
+            }
+            (Phase::ProbingAllocators(round), r) => {
+                let round = record_probe(round, r);
+                self.set_phase(name, Phase::ProbingAllocators(round));
+                self.check_round(now, name);
+            }
+            (Phase::Allocating { order, next, token }, Some((t, result))) if t == token => {
+                let Some(allocator) = next.checked_sub(1).and_then(|i| order.get(i)).map(|a| a.0.peer.clone()) else {
+                    return;
+                };
+                let service = name.to_string();
+                match result {
+                    OpResult::Response(Response::Allocated { instance }) => {
+                        self.out.push_back(ManagerOutput::Event(Event::Allocated {
+                            service,
+                            allocator,
+                            instance: instance.peer.clone(),
+                        }));
+                        let token = self.token();
+                        self.ops.insert(token, name.to_string());
+                        let timeout = self.requirements_of(name).probe_timeout();
+                        if let Some(d) = self.discoveries.get_mut(name) {
+                            d.allocated = true;
+                        }
+                        self.set_phase(name, Phase::ProbingNew { token, instance: instance.clone() });
+                        self.out.push_back(ManagerOutput::Probe { token, peer: instance, timeout });
+                    }
+                    other => {
+                        let reason = match other {
+                            OpResult::Response(Response::Refused { reason } | Response::Error { reason }) => reason,
+                            OpResult::Failed(e) => e,
+                            unexpected => format!("unexpected answer {unexpected:?}"),
+                        };
+                        self.out.push_back(ManagerOutput::Event(Event::AllocationRefused {
+                            service,
+                            allocator,
+                            reason: reason.clone(),
+                        }));
+                        self.ask_next_allocator(now, name, order, next, reason);
+                    }
+                }
+            }
+            (Phase::ProbingNew { token, instance }, Some((t, result))) if t == token => {
+                let reqs = self.requirements_of(name);
+                match result {
+                    OpResult::Rtt(rtt) if reqs.classify(Some(&PerfSample::rtt(rtt))) != Class::HardViolated => {
+                        self.choose(now, name, instance, rtt)
+                    }
+                    _ => self.refind_later(now, name, 0),
+                }
+            }
+            (Phase::RefindWait { until, tries }, None) if now >= until => {
+                let token = self.token();
+                let Some(d) = self.discoveries.get(name) else { return };
+                let key = DhtKey::Service(d.info.hash.clone());
+                self.ops.insert(token, name.to_string());
+                self.set_phase(name, Phase::Refinding { token, tries });
+                self.out.push_back(ManagerOutput::Find { token, key, timeout: self.config.find_timeout });
+            }
+            (Phase::Refinding { token, tries }, Some((t, result))) if t == token => {
+                let providers = providers_of(result);
+                if providers.is_empty() {
+                    return self.refind_later(now, name, tries + 1);
+                }
+                let round = self.probe_round(now, name, providers, budget);
+                self.set_phase(name, Phase::ProbingRefound { round, tries });
+                self.check_round(now, name);
+            }
+            (Phase::ProbingRefound { round, tries }, r) => {
+                let round = record_probe(round, r);
+                self.set_phase(name, Phase::ProbingRefound { round, tries });
+                self.check_round(now, name);
+            }
+            // A stale result (an earlier phase's) or a tick that changes nothing.
+            (phase, _) => self.set_phase(name, phase),
+        }
+    }
+
+    fn set_phase(&mut self, name: &str, phase: Phase) {
+        if let Some(d) = self.discoveries.get_mut(name) {
+            d.phase = phase;
+        }
+    }
+
+    fn requirements_of(&self, name: &str) -> Requirements {
+        self.discoveries.get(name).map(|d| d.requirements).unwrap_or(self.defaults)
+    }
+
+    /// If the current probe round is complete, act on it.
+    fn check_round(&mut self, now: Instant, name: &str) {
+        let Some(d) = self.discoveries.get(name) else { return };
+        let reqs = d.requirements;
+        let usable = |round: &ProbeRound| -> Vec<Measured> {
+            round
+                .sorted()
+                .into_iter()
+                .filter(|(_, rtt)| reqs.classify(Some(&PerfSample::rtt(*rtt))) != Class::HardViolated)
+                .collect()
+        };
+        match &d.phase {
+            Phase::ProbingInstances(round) if round.is_done(now) => {
+                let found = usable(round);
+                // Seeking better: only instances faster than the current one count, and
+                // the current one is what we keep if nothing better turns up.
+                let (best, fallback) = match &d.purpose {
+                    Purpose::Serve => (found.into_iter().next(), None),
+                    Purpose::SeekBetter { current, rtt } => {
+                        let hash = &d.info.hash;
+                        let current_addr = self
+                            .cache
+                            .entries()
+                            .find(|e| &e.service == hash && &e.peer.peer == current)
+                            .map(|e| e.peer.clone());
+                        let best = found.into_iter().find(|(p, r)| &p.peer != current && r < rtt);
+                        (best, current_addr.map(|a| (a, *rtt)))
+                    }
+                };
+                match best {
+                    Some((peer, rtt)) if reqs.classify(Some(&PerfSample::rtt(rtt))) == Class::Good => {
+                        self.choose(now, name, peer, rtt)
+                    }
+                    best => {
+                        // Over the soft limit or nothing usable: ask allocators (closer
+                        // than what we have) for a new instance; keep what we have if none can.
+                        if let Some(d) = self.discoveries.get_mut(name) {
+                            d.fallback = best.or(fallback);
+                        }
+                        self.find_allocators(name);
+                    }
+                }
+            }
+            Phase::ProbingAllocators(round) if round.is_done(now) => {
+                let mut order = round.sorted();
+                // With a slow instance in hand, only allocators closer than it can do better.
+                if let Some((_, fallback_rtt)) = &d.fallback {
+                    order.retain(|(_, rtt)| rtt < fallback_rtt);
+                }
+                if order.is_empty() {
+                    return self.no_allocation(now, name, "no reachable allocator".into());
+                }
+                self.ask_next_allocator(now, name, order, 0, String::new());
+            }
+            Phase::ProbingRefound { round, tries } if round.is_done(now) => {
+                let tries = *tries;
+                match usable(round).into_iter().next() {
+                    Some((peer, rtt)) => self.choose(now, name, peer, rtt),
+                    None => self.refind_later(now, name, tries + 1),
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Ask `order[next]` for an instance; `last` is why the previous one refused.
+    fn ask_next_allocator(&mut self, now: Instant, name: &str, order: Vec<Measured>, next: usize, last: String) {
+        let Some((allocator, _)) = order.get(next).cloned() else {
+            let reason = format!("no allocator could start '{name}': {last}");
+            return self.no_allocation(now, name, reason);
+        };
+        let token = self.token();
+        self.ops.insert(token, name.to_string());
+        self.set_phase(name, Phase::Allocating { order, next: next + 1, token });
+        self.out.push_back(ManagerOutput::Send {
+            token,
+            peer: allocator,
+            request: Request::Allocate { service: name.to_string() },
+            timeout: self.config.allocate_timeout,
+        });
+    }
+
+    /// Allocation is not possible this round: use the slow instance found, if any,
+    /// else the round failed.
+    fn no_allocation(&mut self, now: Instant, name: &str, reason: String) {
+        match self.discoveries.get(name).and_then(|d| d.fallback.clone()) {
+            Some((peer, rtt)) => self.choose(now, name, peer, rtt),
+            None => self.attempt_failed(now, name, reason),
+        }
+    }
+
+    fn refind_later(&mut self, now: Instant, name: &str, tries: u32) {
+        if tries >= self.config.refind_tries {
+            return self.attempt_failed(now, name, format!("the new instance of '{name}' could not be reached"));
+        }
+        let delay = self.config.refind_initial.saturating_mul(1 << tries.min(16)).min(self.config.refind_max);
+        self.set_phase(name, Phase::RefindWait { until: now + delay, tries });
+    }
+
+    fn attempt_failed(&mut self, now: Instant, name: &str, reason: String) {
+        let Some(d) = self.discoveries.get_mut(name) else { return };
+        d.attempt += 1;
+        if d.attempt < self.config.attempts {
+            return self.find_instances(name);
+        }
+        let Some(d) = self.discoveries.remove(name) else { return };
+        self.out.push_back(ManagerOutput::Event(Event::DiscoveryFinished {
+            service: name.to_string(),
+            took: now.saturating_since(d.started),
+            allocated: d.allocated,
+            found: false,
+        }));
+        for req in d.waiters {
+            self.fail(req, 503, format!("no instance of '{name}' could be found or allocated: {reason}"));
+        }
+    }
+
+    /// Use `instance` for the service: cache it and route everyone waiting.
+    fn choose(&mut self, now: Instant, name: &str, instance: PeerAddr, rtt: Duration) {
+        let Some(d) = self.discoveries.remove(name) else { return };
+        let hash = d.info.hash.clone();
+        self.known.insert(hash.clone(), d.info.clone());
+        self.cache.insert(now, &hash, d.requirements, instance.clone(), rtt);
+        if let Purpose::SeekBetter { current, .. } = &d.purpose {
+            if *current != instance.peer {
+                self.cache.remove(&hash, current, "replaced by a better instance");
+                self.drain_cache(now);
+                self.out.push_back(ManagerOutput::Event(Event::Switched {
+                    service: hash.clone(),
+                    from: current.clone(),
+                    to: instance.peer.clone(),
+                }));
+            }
+        }
+        self.out.push_back(ManagerOutput::Event(Event::DiscoveryFinished {
+            service: name.to_string(),
+            took: now.saturating_since(d.started),
+            allocated: d.allocated,
+            found: true,
+        }));
+        for req in d.waiters {
+            self.respond(req, Outcome::Route { instance: instance.clone(), service: hash.clone() });
+        }
+    }
+
+    // ---- service mode ----------------------------------------------------
+
+    /// Service mode: a tunnelled request was served.
+    pub fn tunnel_served(&mut self, now: Instant) {
+        if let Some(s) = self.serving.as_mut() {
+            s.last_served = now;
+        }
+    }
+
+    /// Answer an allocator's idle query.
+    pub fn idle_query(&self, now: Instant) -> Response {
+        match &self.serving {
+            Some(s) => Response::Idle { seconds: now.saturating_since(s.last_served).as_secs() },
+            None => Response::Error { reason: "this node serves no service".into() },
+        }
+    }
+
+    /// A bootstrap (re)connected: advertise what we serve now.
+    pub fn bootstrap_connected(&mut self, now: Instant) {
+        if let Some(s) = self.serving.as_mut() {
+            s.next_advertise = now;
+        }
+    }
+
+    // ---- time ------------------------------------------------------------
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        // Deadlines: every request still waiting at its deadline gets 504.
+        let expired: Vec<ReqId> =
+            self.requests.iter().filter(|(_, p)| p.deadline <= now).map(|(req, _)| *req).collect();
+        for req in expired {
+            let service = self.requests.get(&req).map(|p| p.service.clone()).unwrap_or_default();
+            self.fail(req, 504, format!("deadline exceeded while finding an instance of '{service}'"));
+        }
+        for waiting in self.resolving.values_mut() {
+            waiting.retain(|r| self.requests.contains_key(r));
+        }
+        for d in self.discoveries.values_mut() {
+            d.waiters.retain(|r| self.requests.contains_key(r));
+        }
+        // Probe rounds whose budget ran out, and re-find backoffs that ended.
+        let names: Vec<String> = self.discoveries.keys().cloned().collect();
+        for name in names {
+            let Some(d) = self.discoveries.get_mut(&name) else { continue };
+            let phase = std::mem::replace(&mut d.phase, Phase::RefindWait { until: now, tries: 0 });
+            self.advance(now, &name, phase, None);
+        }
+        // Service mode: keep our advertisement fresh.
+        if let Some(s) = self.serving.as_mut() {
+            if now >= s.next_advertise {
+                s.next_advertise = now + self.config.advertise_interval;
+                match &s.info {
+                    Some(info) => {
+                        self.out.push_back(ManagerOutput::Advertise { key: DhtKey::Service(info.hash.clone()) })
+                    }
+                    // Not resolved yet (registry unreachable or name unknown): ask again.
+                    None => self.out.push_back(ManagerOutput::Resolve { name: s.name.clone() }),
+                }
+            }
+        }
+        self.cache.handle_timeout(now);
+        self.drain_cache(now);
+    }
+
+    fn drain_cache(&mut self, now: Instant) {
+        while let Some(o) = self.cache.poll_output() {
+            match o {
+                PeerCacheOutput::Probe { token: cache_token, peer, timeout } => {
+                    let token = self.token();
+                    self.cache_probes.insert(token, cache_token);
+                    self.out.push_back(ManagerOutput::Probe { token, peer, timeout });
+                }
+                PeerCacheOutput::Evicted { service, peer, reason } => {
+                    self.out.push_back(ManagerOutput::Event(Event::Evicted { service, peer, reason }));
+                }
+                PeerCacheOutput::SeekBetter { service, peer, rtt } => {
+                    self.out.push_back(ManagerOutput::Event(Event::SeekBetter {
+                        service: service.clone(),
+                        peer: peer.clone(),
+                    }));
+                    self.seek_better(now, &service, peer, rtt);
+                }
+            }
+        }
+    }
+
+    /// Look for a better instance than the soft-violating `current`, unless a
+    /// discovery for that service is already running.
+    fn seek_better(&mut self, now: Instant, hash: &ContentHash, current: PeerId, rtt: Duration) {
+        let Some(info) = self.known.get(hash).cloned() else { return };
+        if !self.discoveries.contains_key(&info.name) {
+            self.start_discovery(now, info, Purpose::SeekBetter { current, rtt }, Vec::new());
+        }
+    }
+
+    pub fn poll_output(&mut self) -> Option<ManagerOutput> {
+        self.out.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t = self.cache.poll_timeout();
+        t = earliest(t, self.requests.values().map(|p| p.deadline).min());
+        for d in self.discoveries.values() {
+            let phase_t = match &d.phase {
+                Phase::ProbingInstances(r) | Phase::ProbingAllocators(r) => Some(r.deadline),
+                Phase::ProbingRefound { round, .. } => Some(round.deadline),
+                Phase::RefindWait { until, .. } => Some(*until),
+                _ => None,
+            };
+            t = earliest(t, phase_t);
+        }
+        if let Some(s) = &self.serving {
+            t = earliest(t, Some(s.next_advertise));
+        }
+        t
+    }
+
+    /// Requests accepted and not yet answered.
+    pub fn pending_requests(&self) -> usize {
+        self.requests.len()
+    }
+}
+
+fn providers_of(result: OpResult) -> Vec<PeerAddr> {
+    match result {
+        OpResult::Providers(p) => p,
+        _ => Vec::new(),
+    }
+}
+
+/// Record a probe answer (or nothing, if only time passed) in a round.
+fn record_probe(mut round: ProbeRound, result: Option<(u64, OpResult)>) -> ProbeRound {
+    if let Some((token, result)) = result {
+        if let Some(peer) = round.pending.remove(&token) {
+            if let OpResult::Rtt(rtt) = result {
+                round.answered.push((peer, rtt));
+            }
+        }
+    }
+    round
+}

@@ -180,3 +180,296 @@ pub fn decode<T: DeserializeOwned>(buf: &[u8]) -> Result<Option<(T, usize)>, Wir
     let Some(body) = buf.get(LEN_PREFIX..LEN_PREFIX + len) else { return Ok(None) };
     Ok(Some((decode_body(body)?, LEN_PREFIX + len)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::perf::{PerfLimits, Requirements};
+    use crate::types::{ContentHash, PeerId, RunSpec};
+    use proptest::prelude::*;
+    use std::fmt::Debug;
+    use std::time::Duration;
+
+    fn arb_string() -> impl Strategy<Value = String> {
+        prop_oneof![".{0,24}", "[a-z0-9/._-]{0,16}"]
+    }
+
+    fn arb_limits() -> impl Strategy<Value = PerfLimits> {
+        proptest::option::of((any::<u64>(), 0u32..1_000_000_000).prop_map(|(s, n)| Duration::new(s, n)))
+            .prop_map(|rtt| PerfLimits { rtt })
+    }
+
+    fn arb_info() -> impl Strategy<Value = ServiceInfo> {
+        let run = prop_oneof![
+            (arb_string(), proptest::collection::vec(arb_string(), 0..4))
+                .prop_map(|(program, args)| RunSpec::Exec { program, args }),
+            arb_string().prop_map(|image| RunSpec::Image { image }),
+        ];
+        (arb_string(), arb_string(), run, arb_limits(), arb_limits(), any::<u32>(), any::<u32>(), any::<bool>())
+            .prop_map(|(name, hash, run, soft, hard, cpu_millis, memory_mb, stateful)| ServiceInfo {
+                name,
+                hash: ContentHash(hash),
+                run,
+                requirements: Requirements { soft, hard },
+                cpu_millis,
+                memory_mb,
+                stateful,
+            })
+    }
+
+    fn arb_peer_addr() -> impl Strategy<Value = PeerAddr> {
+        (arb_string(), proptest::collection::vec(arb_string(), 0..4))
+            .prop_map(|(peer, addrs)| PeerAddr { peer: PeerId(peer), addrs })
+    }
+
+    fn arb_request() -> impl Strategy<Value = Request> {
+        prop_oneof![
+            arb_string().prop_map(|service| Request::Allocate { service }),
+            arb_string().prop_map(|name| Request::RegistryGet { name }),
+            Just(Request::RegistryList),
+            arb_info().prop_map(|info| Request::RegistryPut { info }),
+            arb_string().prop_map(|name| Request::RegistryDelete { name }),
+            Just(Request::IdleQuery),
+            any::<u64>().prop_map(|nonce| Request::Ping { nonce }),
+        ]
+    }
+
+    fn arb_response() -> impl Strategy<Value = Response> {
+        prop_oneof![
+            arb_peer_addr().prop_map(|instance| Response::Allocated { instance }),
+            arb_string().prop_map(|reason| Response::Refused { reason }),
+            proptest::option::of(arb_info()).prop_map(|info| Response::Service { info }),
+            proptest::collection::vec(arb_info(), 0..4).prop_map(|infos| Response::Services { infos }),
+            Just(Response::Done),
+            any::<u64>().prop_map(|seconds| Response::Idle { seconds }),
+            any::<u64>().prop_map(|nonce| Response::Pong { nonce }),
+            arb_string().prop_map(|reason| Response::Error { reason }),
+        ]
+    }
+
+    fn arb_envelope() -> impl Strategy<Value = Envelope> {
+        prop_oneof![
+            (any::<u64>(), arb_string(), arb_request()).prop_map(|(id, from, body)| Envelope::Request {
+                id,
+                from,
+                body
+            }),
+            (any::<u64>(), arb_response()).prop_map(|(id, body)| Envelope::Response { id, body }),
+        ]
+    }
+
+    fn arb_hello() -> impl Strategy<Value = TunnelHello> {
+        arb_string().prop_map(|service| TunnelHello { service })
+    }
+
+    fn arb_ack() -> impl Strategy<Value = TunnelAck> {
+        prop_oneof![Just(TunnelAck::Ok), arb_string().prop_map(|reason| TunnelAck::Rejected { reason })]
+    }
+
+    /// encode → decode is the identity, consumes exactly the frame (also when more
+    /// bytes follow it), and every strict prefix of the frame asks for more bytes.
+    fn check_roundtrip<T: Serialize + DeserializeOwned + Clone + PartialEq + Debug>(
+        msg: &T,
+        tail: &[u8],
+    ) -> Result<(), TestCaseError> {
+        let frame = encode(msg).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(frame_len(frame[..LEN_PREFIX].try_into().unwrap()), Ok(frame.len() - LEN_PREFIX));
+        prop_assert_eq!(frame[LEN_PREFIX], WIRE_VERSION);
+        prop_assert_eq!(decode::<T>(&frame), Ok(Some((msg.clone(), frame.len()))));
+        prop_assert_eq!(decode_body::<T>(&frame[LEN_PREFIX..]), Ok(msg.clone()));
+        let mut followed = frame.clone();
+        followed.extend_from_slice(tail);
+        prop_assert_eq!(decode::<T>(&followed), Ok(Some((msg.clone(), frame.len()))));
+        for cut in 0..frame.len() {
+            prop_assert_eq!(decode::<T>(&frame[..cut]), Ok(None), "prefix of {} bytes", cut);
+        }
+        Ok(())
+    }
+
+    /// Decoding `bytes` as any message type returns, never panics, and a returned
+    /// frame never claims more bytes than there are.
+    fn decode_all_kinds(bytes: &[u8]) {
+        fn one<T: DeserializeOwned>(bytes: &[u8]) {
+            if let Ok(Some((_, used))) = decode::<T>(bytes) {
+                assert!(used <= bytes.len() && used > LEN_PREFIX);
+            }
+            let _ = decode_body::<T>(bytes);
+        }
+        one::<Request>(bytes);
+        one::<Response>(bytes);
+        one::<Envelope>(bytes);
+        one::<TunnelHello>(bytes);
+        one::<TunnelAck>(bytes);
+    }
+
+    /// A frame around `body` (version byte included in `body`).
+    fn frame_of(body: &[u8]) -> Vec<u8> {
+        let mut f = (body.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(body);
+        f
+    }
+
+    proptest! {
+        #[test]
+        fn request_roundtrips(msg in arb_request(), tail in proptest::collection::vec(any::<u8>(), 0..16)) {
+            check_roundtrip(&msg, &tail)?;
+        }
+
+        #[test]
+        fn response_roundtrips(msg in arb_response(), tail in proptest::collection::vec(any::<u8>(), 0..16)) {
+            check_roundtrip(&msg, &tail)?;
+        }
+
+        #[test]
+        fn envelope_roundtrips(msg in arb_envelope(), tail in proptest::collection::vec(any::<u8>(), 0..16)) {
+            check_roundtrip(&msg, &tail)?;
+        }
+
+        #[test]
+        fn tunnel_hello_roundtrips(msg in arb_hello(), tail in proptest::collection::vec(any::<u8>(), 0..16)) {
+            check_roundtrip(&msg, &tail)?;
+        }
+
+        #[test]
+        fn tunnel_ack_roundtrips(msg in arb_ack(), tail in proptest::collection::vec(any::<u8>(), 0..16)) {
+            check_roundtrip(&msg, &tail)?;
+        }
+
+        #[test]
+        fn frames_in_a_stream_decode_one_after_another(msgs in proptest::collection::vec(arb_envelope(), 0..6)) {
+            let mut stream = Vec::new();
+            for m in &msgs {
+                stream.extend(encode(m).unwrap());
+            }
+            let mut at = 0;
+            let mut got = Vec::new();
+            while let Some((m, used)) = decode::<Envelope>(&stream[at..]).unwrap() {
+                got.push(m);
+                at += used;
+            }
+            prop_assert_eq!(at, stream.len());
+            prop_assert_eq!(got, msgs);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            decode_all_kinds(&bytes);
+        }
+
+        /// Arbitrary payloads in a well-formed frame of the right version, so the
+        /// bytes reach the message decoder rather than failing at the framing.
+        #[test]
+        fn arbitrary_payloads_never_panic(payload in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut body = vec![WIRE_VERSION];
+            body.extend_from_slice(&payload);
+            decode_all_kinds(&frame_of(&body));
+        }
+
+        /// Valid frames with a few bytes flipped: close to real messages, deep into the decoder.
+        #[test]
+        fn mutated_frames_never_panic(
+            msg in arb_envelope(),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        ) {
+            let mut frame = encode(&msg).unwrap();
+            for (i, b) in flips {
+                let i = LEN_PREFIX + 1 + i.index(frame.len() - LEN_PREFIX - 1);
+                if let Some(byte) = frame.get_mut(i) {
+                    *byte = b;
+                }
+            }
+            decode_all_kinds(&frame);
+        }
+
+        #[test]
+        fn oversized_length_prefix_is_refused_before_buffering(len in (MAX_FRAME as u32 + 1)..=u32::MAX) {
+            let prefix = len.to_be_bytes();
+            prop_assert_eq!(frame_len(prefix), Err(WireError::FrameTooLarge { len: len as usize }));
+            // Only the prefix is there: the error comes without waiting for the body.
+            prop_assert_eq!(decode::<Request>(&prefix), Err(WireError::FrameTooLarge { len: len as usize }));
+        }
+
+        #[test]
+        fn wrong_version_is_refused(msg in arb_request(), version in any::<u8>()) {
+            prop_assume!(version != WIRE_VERSION);
+            let mut frame = encode(&msg).unwrap();
+            frame[LEN_PREFIX] = version;
+            prop_assert_eq!(decode::<Request>(&frame), Err(WireError::UnsupportedVersion(version)));
+        }
+
+        #[test]
+        fn trailing_bytes_inside_a_frame_are_malformed(
+            msg in arb_response(),
+            extra in proptest::collection::vec(any::<u8>(), 1..16),
+        ) {
+            let frame = encode(&msg).unwrap();
+            let mut body = frame[LEN_PREFIX..].to_vec();
+            body.extend_from_slice(&extra);
+            prop_assert!(matches!(decode::<Response>(&frame_of(&body)), Err(WireError::Malformed(_))));
+            prop_assert!(matches!(decode_body::<Response>(&body), Err(WireError::Malformed(_))));
+        }
+    }
+
+    #[test]
+    fn empty_frame_is_an_error() {
+        assert_eq!(decode::<Request>(&[0, 0, 0, 0]), Err(WireError::EmptyFrame));
+        assert_eq!(decode_body::<Request>(&[]), Err(WireError::EmptyFrame));
+    }
+
+    #[test]
+    fn a_frame_of_exactly_max_frame_is_accepted() {
+        // Body = version (1) + varint length (3 bytes for ~1 MiB) + the string.
+        let msg = TunnelHello { service: "x".repeat(MAX_FRAME - 4) };
+        let frame = encode(&msg).expect("fits exactly");
+        assert_eq!(frame.len(), LEN_PREFIX + MAX_FRAME);
+        assert_eq!(decode::<TunnelHello>(&frame), Ok(Some((msg, frame.len()))));
+    }
+
+    #[test]
+    fn a_message_over_max_frame_is_refused_when_encoding() {
+        let msg = TunnelHello { service: "x".repeat(MAX_FRAME - 3) };
+        assert_eq!(encode(&msg), Err(WireError::MessageTooLarge { len: MAX_FRAME + 1 }));
+        let big = Response::Refused { reason: "y".repeat(2 * MAX_FRAME) };
+        assert!(matches!(encode(&big), Err(WireError::MessageTooLarge { .. })));
+    }
+
+    #[test]
+    fn an_oversized_body_given_directly_is_refused() {
+        let mut body = vec![WIRE_VERSION];
+        body.resize(MAX_FRAME + 1, 0);
+        assert_eq!(decode_body::<Request>(&body), Err(WireError::FrameTooLarge { len: MAX_FRAME + 1 }));
+    }
+
+    #[test]
+    fn a_bad_duration_is_malformed_not_a_panic() {
+        // RegistryPut (variant 3) of a ServiceInfo whose soft RTT has u64::MAX seconds and
+        // 2e9 nanoseconds: normalising it would overflow.
+        let info = ServiceInfo {
+            name: "a".into(),
+            hash: ContentHash("h".into()),
+            run: RunSpec::Image { image: "i".into() },
+            requirements: Requirements {
+                soft: PerfLimits::rtt(Duration::from_secs(u64::MAX)),
+                hard: PerfLimits::default(),
+            },
+            cpu_millis: 0,
+            memory_mb: 0,
+            stateful: false,
+        };
+        let good = encode(&Request::RegistryPut { info }).unwrap();
+        // Re-encode the nanos field (a varint 0, just after the secs varint).
+        let secs = postcard::to_allocvec(&u64::MAX).unwrap();
+        let at = good.windows(secs.len() + 1).position(|w| w[..secs.len()] == secs[..] && w[secs.len()] == 0).unwrap();
+        let with_nanos = |nanos: u32| {
+            let mut body = good[LEN_PREFIX..at].to_vec();
+            body.extend_from_slice(&secs);
+            body.extend(postcard::to_allocvec(&nanos).unwrap());
+            body.extend_from_slice(&good[at + secs.len() + 1..]);
+            frame_of(&body)
+        };
+        // The surgery itself is sound: the largest valid nanos decode.
+        assert!(matches!(decode::<Request>(&with_nanos(999_999_999)), Ok(Some(_))));
+        let body = &with_nanos(2_000_000_000)[LEN_PREFIX..];
+        assert!(matches!(decode_body::<Request>(body), Err(WireError::Malformed(_))));
+    }
+}

@@ -1,0 +1,279 @@
+//! The find-or-allocate paths of DESIGN.md §2, driven through the composite `Node`
+//! against a scripted network (tests/world).
+
+mod world;
+
+use physarum_core::io::{Event, Input, Outcome, Output};
+use physarum_core::types::{DhtKey, PeerId};
+use physarum_core::wire::Request;
+use std::time::Duration;
+use world::*;
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+fn status(w: &World, req: physarum_core::types::ReqId) -> (u16, String) {
+    match w.outcome(req) {
+        Some(Outcome::Fail { status, reason }) => (*status, reason.clone()),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
+#[test]
+fn found_instance_is_used_without_allocation() {
+    let svc = service("svc", 50, 100);
+    let mut w = World::new([&svc]);
+    w.add_instance(&svc, "far", ms(40));
+    w.add_instance(&svc, "near", ms(5));
+    w.add_allocator("alloc", ms(1), AllocatorBehaviour::Refuse("must not be asked".into()));
+    let req = w.request("svc", secs(5));
+    w.run_for(secs(2));
+    assert_eq!(w.routed_to(req).as_deref(), Some("near"), "the closest instance wins");
+    assert_eq!(w.allocate_requests(), 0);
+}
+
+#[test]
+fn cached_peer_serves_later_requests_without_discovery() {
+    let svc = service("svc", 50, 100);
+    let mut w = World::new([&svc]);
+    w.add_instance(&svc, "i1", ms(5));
+    let first = w.request("svc", secs(5));
+    w.run_for(secs(1));
+    assert_eq!(w.routed_to(first).as_deref(), Some("i1"));
+    let finds = w.finds_of(&DhtKey::Service(svc.hash.clone()));
+    let second = w.request("svc", secs(5));
+    assert_eq!(w.routed_to(second).as_deref(), Some("i1"), "answered at once, from the cache");
+    assert_eq!(w.finds_of(&DhtKey::Service(svc.hash.clone())), finds, "no new lookup");
+    assert!(w.events().iter().any(|e| matches!(e, Event::CacheHit { .. })));
+}
+
+#[test]
+fn absent_service_is_allocated_on_the_closest_allocator_and_dialled_directly() {
+    let svc = service("svc", 50, 100);
+    let mut w = World::new([&svc]);
+    let new = AllocatorBehaviour::Start { instance: peer("new"), rtt: ms(3), in_dht: false };
+    w.add_allocator("far-alloc", ms(30), AllocatorBehaviour::Refuse("must not be asked first".into()));
+    w.add_allocator("near-alloc", ms(2), new);
+    let req = w.request("svc", secs(5));
+    w.run_for(secs(3));
+    assert_eq!(w.routed_to(req).as_deref(), Some("new"), "routed without waiting for the DHT to list it");
+    assert_eq!(w.allocate_requests(), 1);
+    assert!(w.events().iter().any(|e| matches!(e, Event::Allocated { allocator, .. } if allocator.0 == "near-alloc")));
+}
+
+#[test]
+fn refused_allocation_moves_on_to_the_next_allocator() {
+    let svc = service("svc", 50, 100);
+    let mut w = World::new([&svc]);
+    w.add_allocator("full", ms(1), AllocatorBehaviour::Refuse("no capacity".into()));
+    w.add_allocator("spare", ms(9), AllocatorBehaviour::Start { instance: peer("i"), rtt: ms(9), in_dht: false });
+    let req = w.request("svc", secs(5));
+    w.run_for(secs(3));
+    assert_eq!(w.routed_to(req).as_deref(), Some("i"));
+    assert_eq!(w.allocate_requests(), 2);
+}
+
+#[test]
+fn unreachable_new_instance_is_refound_in_the_dht_with_backoff() {
+    let svc = service("svc", 50, 100);
+    let mut w = World::new([&svc]);
+    w.add_allocator("a", ms(2), AllocatorBehaviour::Start { instance: peer("slowboot"), rtt: ms(4), in_dht: true });
+    // The instance cannot be dialled for its first 700 ms (still booting).
+    w.reachable_from.insert(PeerId("slowboot".into()), w.now + ms(700));
+    let req = w.request("svc", secs(10));
+    w.run_for(secs(5));
+    assert_eq!(w.routed_to(req).as_deref(), Some("slowboot"));
+    assert_eq!(w.allocate_requests(), 1, "found again, not allocated again");
+}
+
+#[test]
+fn soft_violating_instance_triggers_allocation_of_a_closer_one() {
+    let svc = service("svc", 50, 100);
+    let mut w = World::new([&svc]);
+    w.add_instance(&svc, "slow", ms(80)); // over soft, under hard
+    w.add_allocator("near", ms(5), AllocatorBehaviour::Start { instance: peer("close"), rtt: ms(5), in_dht: false });
+    w.add_allocator(
+        "farther",
+        ms(90),
+        AllocatorBehaviour::Refuse("must not be asked: farther than the instance".into()),
+    );
+    let req = w.request("svc", secs(5));
+    w.run_for(secs(3));
+    assert_eq!(w.routed_to(req).as_deref(), Some("close"));
+    assert_eq!(w.allocate_requests(), 1, "only allocators closer than the slow instance are asked");
+}
+
+#[test]
+fn soft_violating_instance_is_kept_when_no_allocator_is_closer() {
+    let svc = service("svc", 50, 100);
+    let mut w = World::new([&svc]);
+    w.add_instance(&svc, "slow", ms(80));
+    w.add_allocator("farther", ms(90), AllocatorBehaviour::Refuse("must not be asked".into()));
+    let req = w.request("svc", secs(5));
+    w.run_for(secs(3));
+    assert_eq!(w.routed_to(req).as_deref(), Some("slow"));
+    assert_eq!(w.allocate_requests(), 0);
+}
+
+#[test]
+fn instances_over_the_hard_limit_are_never_selected() {
+    let svc = service("svc", 50, 100);
+    let mut w = World::new([&svc]);
+    w.add_instance(&svc, "too-slow", ms(150));
+    w.add_allocator("a", ms(3), AllocatorBehaviour::Start { instance: peer("fresh"), rtt: ms(3), in_dht: false });
+    let req = w.request("svc", secs(5));
+    w.run_for(secs(3));
+    assert_eq!(w.routed_to(req).as_deref(), Some("fresh"));
+}
+
+#[test]
+fn nothing_found_or_allocatable_is_503_after_three_attempts() {
+    let svc = service("svc", 50, 100);
+    let mut w = World::new([&svc]);
+    let req = w.request("svc", secs(30));
+    w.run_for(secs(30));
+    let (code, reason) = status(&w, req);
+    assert_eq!(code, 503);
+    assert!(reason.contains("svc"), "{reason}");
+    assert_eq!(w.finds_of(&DhtKey::Service(svc.hash.clone())), 3, "three attempts");
+}
+
+#[test]
+fn unknown_service_is_404_with_the_reason() {
+    let mut w = World::new([]);
+    let req = w.request("nope", secs(5));
+    w.run_for(secs(1));
+    let (code, reason) = status(&w, req);
+    assert_eq!(code, 404);
+    assert!(reason.contains("nope") && reason.contains("registry"), "{reason}");
+}
+
+#[test]
+fn unreachable_registry_is_503() {
+    let mut w = World::new([&service("svc", 50, 100)]);
+    w.rtt.remove(&PeerId(REGISTRY.into()));
+    let req = w.request("svc", secs(10));
+    w.run_for(secs(10));
+    let (code, reason) = status(&w, req);
+    assert_eq!(code, 503);
+    assert!(reason.contains("registry"), "{reason}");
+}
+
+#[test]
+fn deadline_is_504_and_never_late() {
+    let svc = service("svc", 50, 100);
+    let mut w = World::new([&svc]);
+    // An allocator that takes forever: its instance never becomes reachable.
+    w.add_allocator("a", ms(2), AllocatorBehaviour::Start { instance: peer("ghost"), rtt: ms(3), in_dht: false });
+    w.reachable_from.insert(PeerId("ghost".into()), w.now + secs(3600));
+    let req = w.request("svc", ms(1500));
+    w.run_for(secs(10));
+    let (code, _) = status(&w, req);
+    assert_eq!(code, 504);
+    let (answered_at, _) = w.responses[&req];
+    assert_eq!(answered_at, w.deadlines[&req], "answered exactly at the deadline");
+}
+
+#[test]
+fn concurrent_requests_share_one_discovery_and_one_allocation() {
+    let svc = service("svc", 50, 100);
+    let mut w = World::new([&svc]);
+    w.add_allocator("a", ms(2), AllocatorBehaviour::Start { instance: peer("i"), rtt: ms(3), in_dht: false });
+    let reqs: Vec<_> = (0..100).map(|_| w.request("svc", secs(5))).collect();
+    w.run_for(secs(3));
+    for r in reqs {
+        assert_eq!(w.routed_to(r).as_deref(), Some("i"));
+    }
+    assert_eq!(w.allocate_requests(), 1);
+    assert_eq!(w.finds_of(&DhtKey::Service(svc.hash.clone())), 1);
+    assert_eq!(w.count(|o| matches!(o, Output::SendRequest { request: Request::RegistryGet { .. }, .. })), 1);
+}
+
+#[test]
+fn failed_route_evicts_the_peer() {
+    let svc = service("svc", 50, 100);
+    let mut w = World::new([&svc]);
+    w.add_instance(&svc, "i1", ms(5));
+    let first = w.request("svc", secs(5));
+    w.run_for(ms(500));
+    assert_eq!(w.routed_to(first).as_deref(), Some("i1"));
+    w.input(Input::RouteFailed { service: svc.hash.clone(), peer: PeerId("i1".into()), reason: "reset".into() });
+    // The instance is gone from the DHT too; a new one is allocated.
+    w.providers.remove(&DhtKey::Service(svc.hash.clone()));
+    w.rtt.remove(&PeerId("i1".into()));
+    w.add_allocator("a", ms(2), AllocatorBehaviour::Start { instance: peer("i2"), rtt: ms(3), in_dht: false });
+    let second = w.request("svc", secs(5));
+    w.run_for(secs(3));
+    assert_eq!(w.routed_to(second).as_deref(), Some("i2"));
+}
+
+#[test]
+fn hard_violation_of_a_cached_peer_evicts_it_at_the_next_probe() {
+    let svc = service("svc", 50, 100);
+    let mut w = World::new([&svc]);
+    w.add_instance(&svc, "i1", ms(5));
+    let first = w.request("svc", secs(5));
+    w.run_for(ms(500));
+    assert_eq!(w.routed_to(first).as_deref(), Some("i1"));
+    w.rtt.insert(PeerId("i1".into()), ms(300)); // over hard: probes time out at 100 ms
+    w.run_for(ms(1500));
+    assert!(w.events().iter().any(|e| matches!(e, Event::Evicted { peer, .. } if peer.0 == "i1")));
+    assert!(w.node.manager().peer_cache().lookup(&svc.hash).is_none());
+}
+
+#[test]
+fn soft_violation_with_the_original_constants_moves_on_once_the_cache_drops_the_peer() {
+    // r falls by 10 per soft-violating probe: 50 → 0 in five rounds, then level 2 is
+    // flushed. The next request rediscovers and picks the faster instance.
+    let svc = service("svc", 50, 100);
+    let mut w = World::new([&svc]);
+    w.add_instance(&svc, "i1", ms(5));
+    let first = w.request("svc", secs(5));
+    w.run_for(ms(500));
+    assert_eq!(w.routed_to(first).as_deref(), Some("i1"));
+    w.rtt.insert(PeerId("i1".into()), ms(70));
+    w.add_instance(&svc, "i2", ms(4));
+    w.run_for(secs(4));
+    let still = w.request("svc", secs(5));
+    assert_eq!(w.routed_to(still).as_deref(), Some("i1"), "tolerated for a while");
+    w.run_for(secs(3));
+    assert!(w
+        .events()
+        .iter()
+        .any(|e| matches!(e, Event::Evicted { peer, reason, .. } if peer.0 == "i1" && reason == "unreliable")));
+    let later = w.request("svc", secs(5));
+    w.run_for(secs(1));
+    assert_eq!(w.routed_to(later).as_deref(), Some("i2"));
+}
+
+#[test]
+fn persistent_soft_violation_switches_to_a_better_instance_after_the_grace() {
+    let svc = service("svc", 50, 100);
+    let mut config = physarum_core::config::NodeConfig::new(
+        PeerId("client".into()),
+        physarum_core::perf::Requirements::rtt(ms(100), ms(1000)),
+    );
+    config.manager.soft_grace = secs(3); // shorter than the cache's own flush (≥ 5 s)
+    let mut w = World::with_config(config, [&svc]);
+    w.add_instance(&svc, "i1", ms(5));
+    let first = w.request("svc", secs(5));
+    w.run_for(ms(500));
+    assert_eq!(w.routed_to(first).as_deref(), Some("i1"));
+    w.rtt.insert(PeerId("i1".into()), ms(70));
+    w.add_instance(&svc, "i2", ms(4));
+    let slow_since = w.now;
+    w.run_for(secs(2));
+    assert!(!w.events().iter().any(|e| matches!(e, Event::Switched { .. })), "no switch before the grace");
+    w.run_for(secs(3));
+    let switched_at = w
+        .log
+        .iter()
+        .find(|(_, o)| matches!(o, Output::Event(Event::Switched { from, to, .. }) if from.0 == "i1" && to.0 == "i2"))
+        .map(|(t, _)| *t)
+        .expect("switched to i2");
+    let after = switched_at.saturating_since(slow_since);
+    assert!(after >= secs(3) && after <= secs(5), "switched {after:?} after the soft limit was crossed");
+    let later = w.request("svc", secs(5));
+    assert_eq!(w.routed_to(later).as_deref(), Some("i2"), "served from the cache by the new instance");
+}
