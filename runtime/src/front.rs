@@ -1,0 +1,132 @@
+//! The HTTP front end: `METHOD /<service>/<rest>?<query>` → the core decides → the
+//! request is tunnelled to an instance of `<service>` with its body streamed both
+//! ways, or answered with the core's status and a plain-text reason.
+
+use crate::http::{strip_for_forwarding, text_response, ProxyBody};
+use crate::node_loop::NodeHandle;
+use crate::transport::{Listener, Observer, Transport};
+use crate::tunnel::TunnelPool;
+use hyper::body::Incoming;
+use hyper::http::uri::PathAndQuery;
+use hyper::{Request, Response, Uri};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use physarum_core::io::Outcome;
+use std::convert::Infallible;
+use std::rc::Rc;
+use std::time::Duration;
+
+pub(crate) struct FrontCtx<T: Transport> {
+    pub handle: NodeHandle,
+    pub pool: Rc<TunnelPool<T>>,
+    pub observer: Rc<dyn Observer>,
+    pub request_deadline: Duration,
+}
+
+pub(crate) async fn serve<L: Listener, T: Transport>(mut listener: L, ctx: Rc<FrontCtx<T>>) {
+    loop {
+        let conn = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("front end: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let ctx = ctx.clone();
+        tokio::task::spawn_local(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let ctx = ctx.clone();
+                async move { Ok::<_, Infallible>(handle(&ctx, req).await) }
+            });
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(conn), svc)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!("front end connection: {e}");
+            }
+        });
+    }
+}
+
+/// Split `/<service>/<rest>` into the service and the path to forward (`/<rest>`).
+pub(crate) fn split_path(path: &str) -> Option<(&str, &str)> {
+    let path = path.strip_prefix('/')?;
+    let (service, rest) = match path.find('/') {
+        Some(i) => (&path[..i], &path[i..]),
+        None => (path, "/"),
+    };
+    (!service.is_empty()).then_some((service, rest))
+}
+
+async fn handle<T: Transport>(ctx: &FrontCtx<T>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let started = tokio::time::Instant::now();
+    let (service, resp) = route(ctx, req).await;
+    ctx.observer.request_finished(&service, resp.status().as_u16(), started.elapsed());
+    resp
+}
+
+async fn route<T: Transport>(ctx: &FrontCtx<T>, mut req: Request<Incoming>) -> (String, Response<ProxyBody>) {
+    let Some((service, rest)) = split_path(req.uri().path()) else {
+        return (String::new(), text_response(400, "no service in the path: use /<service>/<path>"));
+    };
+    let service = service.to_string();
+    // One deadline covers deciding and forwarding, up to the response head.
+    let deadline = tokio::time::Instant::now() + ctx.request_deadline;
+    let forward = match req.uri().query() {
+        Some(q) => format!("{rest}?{q}"),
+        None => rest.to_string(),
+    };
+    let forward = match forward.parse::<PathAndQuery>() {
+        Ok(pq) => Uri::from(pq),
+        Err(e) => return (service, text_response(400, format!("bad path: {e}"))),
+    };
+    // The core answers by the deadline; the extra second only guards against a bug.
+    let outcome = tokio::time::timeout(
+        ctx.request_deadline + Duration::from_secs(1),
+        ctx.handle.request(service.clone(), ctx.request_deadline),
+    )
+    .await;
+    let (instance, hash) = match outcome {
+        Ok(Some(Outcome::Route { instance, service: hash })) => (instance, hash),
+        Ok(Some(Outcome::Fail { status, reason })) => return (service, text_response(status, reason)),
+        Ok(None) => return (service, text_response(503, "the node is shutting down")),
+        Err(_) => return (service, text_response(504, "no decision within the request deadline")),
+    };
+    *req.uri_mut() = forward;
+    *req.version_mut() = hyper::Version::HTTP_11;
+    strip_for_forwarding(req.headers_mut());
+    // A tunnel whose connection died silently (partition, host gone without a RST)
+    // never errors: bound the wait, and drop the stream with the future so it never
+    // returns to the pool.
+    match tokio::time::timeout_at(deadline, ctx.pool.send(&instance, &service, req)).await {
+        Ok(Ok(resp)) => (service, resp),
+        Ok(Err(reason)) => {
+            ctx.handle.route_failed(hash, instance.peer.clone(), reason.clone());
+            let msg = format!("could not forward to instance {} of {service}: {reason}", instance.peer);
+            (service, text_response(502, msg))
+        }
+        Err(_) => {
+            let reason = "no response within the request deadline".to_string();
+            ctx.handle.route_failed(hash, instance.peer.clone(), reason.clone());
+            let msg = format!("instance {} of {service} sent {reason}", instance.peer);
+            (service, text_response(504, msg))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_path;
+
+    #[test]
+    fn paths_split_into_service_and_rest() {
+        assert_eq!(split_path("/hello/a/b"), Some(("hello", "/a/b")));
+        assert_eq!(split_path("/hello/"), Some(("hello", "/")));
+        assert_eq!(split_path("/hello"), Some(("hello", "/")));
+        assert_eq!(split_path("/"), None);
+        assert_eq!(split_path("//x"), None);
+        assert_eq!(split_path(""), None);
+    }
+}

@@ -1,0 +1,563 @@
+//! Front end + tunnel over in-memory streams and loopback TCP, with a fake network
+//! and a fake core (no libp2p, no `Node`).
+
+use crate::front::{self, FrontCtx};
+use crate::node_loop::{Command, NodeHandle, RuntimeConfig};
+use crate::transport::{InboundTunnel, TcpConnector, Transport};
+use crate::tunnel::{self, TunnelPool};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use physarum_core::io::{Input, Outcome};
+use physarum_core::types::{ContentHash, DhtKey, PeerAddr, PeerId};
+use physarum_core::wire::{Request as WireRequest, Response as WireResponse};
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+use tokio::io::DuplexStream;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::LocalSet;
+
+/// An in-memory network: `open_tunnel` makes a duplex pipe and hands the far end to
+/// the named peer's tunnel server.
+#[derive(Clone, Default)]
+struct FakeNet {
+    peers: Rc<RefCell<BTreeMap<String, mpsc::UnboundedSender<InboundTunnel<DuplexStream>>>>>,
+    opened: Rc<Cell<usize>>,
+    /// Silently drop the far end of this many next streams (libp2p-stream's failure mode).
+    drop_next: Rc<Cell<usize>>,
+    advertised: Rc<RefCell<Vec<DhtKey>>>,
+}
+
+impl Transport for FakeNet {
+    type Stream = DuplexStream;
+    fn local_peer(&self) -> PeerId {
+        PeerId("A".into())
+    }
+    async fn find_providers(&self, _: DhtKey, _: Duration) -> Result<Vec<PeerAddr>, String> {
+        Ok(vec![])
+    }
+    async fn advertise(&self, key: DhtKey) -> Result<(), String> {
+        self.advertised.borrow_mut().push(key);
+        Ok(())
+    }
+    async fn probe(&self, _: PeerAddr, _: Duration) -> Result<Duration, String> {
+        Ok(Duration::from_millis(1))
+    }
+    async fn send_request(&self, _: PeerAddr, _: WireRequest, _: Duration) -> Result<WireResponse, String> {
+        Err("no".into())
+    }
+    async fn open_tunnel(&self, peer: PeerAddr) -> Result<DuplexStream, String> {
+        self.opened.set(self.opened.get() + 1);
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        if self.drop_next.get() > 0 {
+            self.drop_next.set(self.drop_next.get() - 1);
+            drop(far);
+            return Ok(near);
+        }
+        let peers = self.peers.borrow();
+        let tx = peers.get(&peer.peer.0).ok_or("unknown peer")?;
+        tx.send(InboundTunnel { from: PeerId("A".into()), stream: far }).map_err(|_| "peer gone".to_string())?;
+        Ok(near)
+    }
+}
+
+/// The application: echoes what it got, or streams a download on `/download?n=BYTES`,
+/// or sends one chunk and waits on `/gated` until the test releases the rest.
+async fn start_app(gate: std::sync::Arc<tokio::sync::Notify>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::task::spawn_local(async move {
+        loop {
+            let (s, _) = listener.accept().await.unwrap();
+            let gate = gate.clone();
+            tokio::task::spawn_local(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let gate = gate.clone();
+                    async move { Ok::<_, Infallible>(app(req, gate).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+            });
+        }
+    });
+    addr
+}
+
+type AppBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+async fn app(req: Request<Incoming>, gate: std::sync::Arc<tokio::sync::Notify>) -> Response<AppBody> {
+    let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+    if let Some(n) = path.strip_prefix("/download?n=") {
+        let n: usize = n.parse().unwrap();
+        let chunk = Bytes::from(vec![7u8; 64 * 1024]);
+        let frames = futures::stream::iter((0..n.div_ceil(chunk.len())).map(move |i| {
+            let len = chunk.len().min(n - i * chunk.len());
+            Ok::<_, Infallible>(Frame::data(chunk.slice(..len)))
+        }));
+        return Response::new(StreamBody::new(frames).boxed_unsync());
+    }
+    if path == "/hang" {
+        // Takes the request and never answers: a dead instance or a silently dead link.
+        std::future::pending::<()>().await;
+    }
+    if path == "/gated" {
+        let first = futures::stream::once(async { Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"first;"))) });
+        let rest = futures::stream::once(async move {
+            gate.notified().await;
+            Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"rest")))
+        });
+        return Response::new(StreamBody::new(futures::StreamExt::chain(first, rest)).boxed_unsync());
+    }
+    let method = req.method().to_string();
+    let secret = req.headers().contains_key("x-secret");
+    let kept = req.headers().get("x-kept").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let sum: u64 = body.iter().map(|&b| b as u64).sum();
+    let text = format!("{method} {path} len={} sum={sum} secret={secret} kept={kept}", body.len());
+    let mut resp = Response::new(Full::new(Bytes::from(text)).boxed_unsync());
+    resp.headers_mut().insert("connection", "x-app-private".parse().unwrap());
+    resp.headers_mut().insert("x-app-private", "1".parse().unwrap());
+    resp
+}
+
+struct Harness {
+    front: SocketAddr,
+    net: FakeNet,
+    route_failures: Rc<RefCell<Vec<(PeerId, String)>>>,
+    gate: std::sync::Arc<tokio::sync::Notify>,
+    pool: Rc<TunnelPool<FakeNet>>,
+}
+
+/// Proxy "A" (front end + fake core) and instance proxy "B" (serving `hello`,
+/// forwarding to the app). Services: `hello` → B; `wrong` → B (which rejects the
+/// hello); `gone` → 404; `ghost` → a peer that does not exist.
+async fn harness() -> Harness {
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    let app_addr = start_app(gate.clone()).await;
+    let net = FakeNet::default();
+    let (b_tx, b_rx) = mpsc::unbounded_channel();
+    net.peers.borrow_mut().insert("B".into(), b_tx);
+    let (b_handle, mut b_cmds) = NodeHandle::for_test(PeerId("B".into()));
+    tokio::task::spawn_local(async move { while b_cmds.recv().await.is_some() {} });
+    tokio::task::spawn_local(tunnel::serve_tunnels(
+        b_rx,
+        Some("hello".into()),
+        TcpConnector(app_addr),
+        b_handle,
+        Duration::from_secs(5),
+    ));
+
+    let (a_handle, mut a_cmds) = NodeHandle::for_test(PeerId("A".into()));
+    let route_failures = Rc::new(RefCell::new(Vec::new()));
+    let failures = route_failures.clone();
+    tokio::task::spawn_local(async move {
+        while let Some(cmd) = a_cmds.recv().await {
+            match cmd {
+                Command::Http { service, reply, .. } => {
+                    let to = |peer: &str| Outcome::Route {
+                        instance: PeerAddr::new(peer, vec![]),
+                        service: ContentHash(format!("hash-{service}")),
+                    };
+                    let outcome = match service.as_str() {
+                        "hello" | "wrong" => to("B"),
+                        "ghost" => to("nobody"),
+                        _ => Outcome::Fail { status: 404, reason: format!("unknown service {service}") },
+                    };
+                    let _ = reply.send(outcome);
+                }
+                Command::Input(Input::RouteFailed { peer, reason, .. }) => failures.borrow_mut().push((peer, reason)),
+                Command::Input(_) => {}
+            }
+        }
+    });
+    let pool = Rc::new(TunnelPool::new(net.clone(), &RuntimeConfig::default()));
+    let ctx = Rc::new(FrontCtx {
+        handle: a_handle,
+        pool: pool.clone(),
+        observer: Rc::new(()),
+        request_deadline: Duration::from_secs(5),
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front = listener.local_addr().unwrap();
+    tokio::task::spawn_local(front::serve(listener, ctx));
+    Harness { front, net, route_failures, gate, pool }
+}
+
+async fn client(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<AppBody> {
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.unwrap();
+    tokio::task::spawn_local(conn);
+    sender
+}
+
+fn get(path: &str) -> Request<AppBody> {
+    Request::get(path).header("host", "proxy").body(Full::new(Bytes::new()).boxed_unsync()).unwrap()
+}
+
+async fn text(resp: Response<Incoming>) -> String {
+    String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+}
+
+/// Run `f` on a current_thread runtime inside a LocalSet, bounded in time; every
+/// task it spawned dies with the LocalSet.
+fn run<F: std::future::Future<Output = ()>>(f: F) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let local = LocalSet::new();
+    rt.block_on(local.run_until(async {
+        tokio::time::timeout(Duration::from_secs(60), f).await.expect("test timed out");
+    }));
+}
+
+#[test]
+fn get_with_query_and_headers_is_forwarded_and_hop_by_hop_headers_are_dropped() {
+    run(async {
+        let h = harness().await;
+        let mut c = client(h.front).await;
+        let req = Request::get("/hello/a/b?x=1&y=%20z")
+            .header("connection", "x-secret")
+            .header("x-secret", "1")
+            .header("x-kept", "yes")
+            .body(Full::new(Bytes::new()).boxed_unsync())
+            .unwrap();
+        let resp = c.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(!resp.headers().contains_key("x-app-private"));
+        assert_eq!(text(resp).await, "GET /a/b?x=1&y=%20z len=0 sum=0 secret=false kept=yes");
+        // Bare service path → "/".
+        let resp = c.send_request(get("/hello")).await.unwrap();
+        assert_eq!(text(resp).await, "GET / len=0 sum=0 secret=false kept=");
+    });
+}
+
+#[test]
+fn a_post_body_streams_through_intact() {
+    run(async {
+        let h = harness().await;
+        let mut c = client(h.front).await;
+        let n = 8 * 1024 * 1024 + 17;
+        let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+        let sum: u64 = data.iter().map(|&b| b as u64).sum();
+        let frames = futures::stream::iter(
+            data.chunks(100_000)
+                .map(|c| Ok::<_, Infallible>(Frame::data(Bytes::copy_from_slice(c))))
+                .collect::<Vec<_>>(),
+        );
+        let req = Request::post("/hello/upload").body(StreamBody::new(frames).boxed_unsync()).unwrap();
+        let resp = c.send_request(req).await.unwrap();
+        assert_eq!(text(resp).await, format!("POST /upload len={n} sum={sum} secret=false kept="));
+    });
+}
+
+#[test]
+fn a_large_download_streams_and_is_not_buffered_whole() {
+    run(async {
+        let h = harness().await;
+        let mut c = client(h.front).await;
+        // Streaming: the first chunk arrives while the app still holds back the rest.
+        let resp = c.send_request(get("/hello/gated")).await.unwrap();
+        let mut body = resp.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"first;");
+        h.gate.notify_one();
+        let rest = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&rest[..], b"rest");
+        // Volume: 64 MiB through, counted chunk by chunk.
+        let n = 64 * 1024 * 1024 + 3;
+        let resp = c.send_request(get(&format!("/hello/download?n={n}"))).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let mut got = 0usize;
+        while let Some(frame) = body.frame().await {
+            if let Ok(d) = frame.unwrap().into_data() {
+                assert!(d.iter().all(|&b| b == 7));
+                got += d.len();
+            }
+        }
+        assert_eq!(got, n);
+    });
+}
+
+#[test]
+fn streams_are_reused_across_requests() {
+    run(async {
+        let h = harness().await;
+        let mut c = client(h.front).await;
+        for i in 0..5 {
+            let resp = c.send_request(get(&format!("/hello/r{i}"))).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            text(resp).await;
+            // Wait for the stream to be back in the pool before the next request.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while h.pool.idle_count(&PeerId("B".into()), "hello") == 0 {
+                assert!(tokio::time::Instant::now() < deadline, "stream never returned to the pool");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        assert_eq!(h.net.opened.get(), 1);
+    });
+}
+
+#[test]
+fn a_stream_dropped_silently_on_first_use_is_retried_on_a_fresh_one() {
+    run(async {
+        let h = harness().await;
+        h.net.drop_next.set(1);
+        let mut c = client(h.front).await;
+        let resp = c.send_request(get("/hello/x")).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(h.net.opened.get(), 2);
+        assert!(h.route_failures.borrow().is_empty());
+    });
+}
+
+#[test]
+fn core_failures_and_bad_paths_get_a_status_and_a_plain_text_reason() {
+    run(async {
+        let h = harness().await;
+        let mut c = client(h.front).await;
+        let resp = c.send_request(get("/gone/x")).await.unwrap();
+        assert_eq!(resp.status(), 404);
+        assert_eq!(resp.headers()["content-type"], "text/plain; charset=utf-8");
+        assert_eq!(text(resp).await, "unknown service gone\n");
+        let resp = c.send_request(get("/")).await.unwrap();
+        assert_eq!(resp.status(), 400);
+        assert!(text(resp).await.contains("/<service>/<path>"));
+    });
+}
+
+#[test]
+fn a_failure_to_forward_answers_502_and_reports_the_peer() {
+    run(async {
+        let h = harness().await;
+        let mut c = client(h.front).await;
+        // B serves `hello`, so it rejects a tunnel for `wrong`.
+        let resp = c.send_request(get("/wrong/x")).await.unwrap();
+        assert_eq!(resp.status(), 502);
+        let body = text(resp).await;
+        assert!(body.contains("rejected") && body.contains("hello"), "{body}");
+        // No such peer at all.
+        let resp = c.send_request(get("/ghost/x")).await.unwrap();
+        assert_eq!(resp.status(), 502);
+        let failures = h.route_failures.borrow();
+        let peers: Vec<&str> = failures.iter().map(|(p, _)| p.0.as_str()).collect();
+        assert_eq!(peers, vec!["B", "nobody"]);
+    });
+}
+
+#[test]
+fn an_unreachable_application_is_a_502_from_the_instance() {
+    run(async {
+        // An address nothing listens on: bind, note, close.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead = l.local_addr().unwrap();
+        drop(l);
+        let net = FakeNet::default();
+        let (b_tx, b_rx) = mpsc::unbounded_channel();
+        net.peers.borrow_mut().insert("B".into(), b_tx);
+        let (b_handle, mut b_cmds) = NodeHandle::for_test(PeerId("B".into()));
+        tokio::task::spawn_local(async move { while b_cmds.recv().await.is_some() {} });
+        tokio::task::spawn_local(tunnel::serve_tunnels(
+            b_rx,
+            Some("hello".into()),
+            TcpConnector(dead),
+            b_handle,
+            Duration::from_secs(5),
+        ));
+        let pool = Rc::new(TunnelPool::new(net.clone(), &RuntimeConfig::default()));
+        let req = Request::get("/x").body(empty_incoming().await).unwrap();
+        let resp = pool.send(&PeerAddr::new("B", vec![]), "hello", req).await.unwrap();
+        assert_eq!(resp.status(), 502);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains("cannot reach the service"));
+    });
+}
+
+/// An empty `Incoming` body (only hyper makes those): a request through a tiny
+/// in-memory server that hands its body out.
+async fn empty_incoming() -> Incoming {
+    let (a, b) = tokio::io::duplex(1024);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let tx = Rc::new(RefCell::new(Some(tx)));
+    tokio::task::spawn_local(async move {
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            if let Some(tx) = tx.borrow_mut().take() {
+                let _ = tx.send(req.into_body());
+            }
+            async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::new()))) }
+        });
+        let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(b), svc).await;
+    });
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(a)).await.unwrap();
+    tokio::task::spawn_local(conn);
+    tokio::task::spawn_local(async move {
+        let _ = sender.send_request(Request::get("/").body(Full::new(Bytes::new())).unwrap()).await;
+    });
+    rx.await.unwrap()
+}
+
+/// The node loop around the real core: a registry node advertises its rendezvous key,
+/// answers a peer's request through the loop, and re-advertises on a bootstrap
+/// (re)connect.
+#[test]
+fn the_node_loop_runs_the_core_answers_peers_and_executes_outputs() {
+    use crate::node_loop::NodeRuntime;
+    use crate::transport::{inbound_channel, InboundRequest, NetEvent};
+    use physarum_core::config::NodeConfig;
+    use physarum_core::perf::Requirements;
+    use physarum_core::types::RunSpec;
+    use physarum_core::types::ServiceInfo;
+    run(async {
+        let net = FakeNet::default();
+        let (senders, inbound) = inbound_channel::<DuplexStream>();
+        let info = ServiceInfo {
+            name: "hello".into(),
+            hash: ContentHash("h1".into()),
+            run: RunSpec::Exec { program: "hello".into(), args: vec![] },
+            requirements: Requirements::default(),
+            cpu_millis: 0,
+            memory_mb: 0,
+            stateful: false,
+        };
+        let mut config = NodeConfig::new(PeerId("A".into()), Requirements::default());
+        config.registry = Some(vec![info.clone()]);
+        let running = NodeRuntime::new(config, 1, net.clone(), inbound, RuntimeConfig::default()).spawn();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !net.advertised.borrow().contains(&DhtKey::Registry) {
+            assert!(tokio::time::Instant::now() < deadline, "never advertised");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let request = WireRequest::RegistryGet { name: "hello".into() };
+        senders.requests.send(InboundRequest { from: PeerId("B".into()), request, reply }).unwrap();
+        assert_eq!(answer.await.unwrap(), WireResponse::Service { info: Some(info) });
+        let before = net.advertised.borrow().len();
+        senders.events.send(NetEvent::BootstrapConnected).unwrap();
+        while net.advertised.borrow().len() == before {
+            assert!(tokio::time::Instant::now() < deadline, "not re-advertised after a bootstrap connect");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        drop(running);
+    });
+}
+
+/// A network for the node loop around the real core: a registry peer `R` that knows
+/// `hello`, one instance `B` of it, and probes that, once `hold_probes` is set, hang
+/// until released (or the core's timeout).
+#[derive(Clone, Default)]
+struct ScriptedNet {
+    info: Rc<RefCell<Option<physarum_core::types::ServiceInfo>>>,
+    hold_probes: Rc<Cell<bool>>,
+    release: std::sync::Arc<tokio::sync::Notify>,
+    probes_pending: Rc<Cell<usize>>,
+    probes_started: Rc<Cell<usize>>,
+}
+
+impl Transport for ScriptedNet {
+    type Stream = DuplexStream;
+    fn local_peer(&self) -> PeerId {
+        PeerId("A".into())
+    }
+    async fn find_providers(&self, key: DhtKey, _: Duration) -> Result<Vec<PeerAddr>, String> {
+        Ok(match key {
+            DhtKey::Registry => vec![PeerAddr::new("R", vec![])],
+            DhtKey::Service(_) => vec![PeerAddr::new("B", vec![])],
+            DhtKey::Allocators => vec![],
+        })
+    }
+    async fn advertise(&self, _: DhtKey) -> Result<(), String> {
+        Ok(())
+    }
+    async fn probe(&self, _: PeerAddr, _: Duration) -> Result<Duration, String> {
+        self.probes_started.set(self.probes_started.get() + 1);
+        if self.hold_probes.get() {
+            self.probes_pending.set(self.probes_pending.get() + 1);
+            self.release.notified().await;
+            self.probes_pending.set(self.probes_pending.get() - 1);
+        }
+        Ok(Duration::from_millis(1))
+    }
+    async fn send_request(&self, _: PeerAddr, request: WireRequest, _: Duration) -> Result<WireResponse, String> {
+        match request {
+            WireRequest::RegistryGet { .. } => Ok(WireResponse::Service { info: self.info.borrow().clone() }),
+            other => Err(format!("unexpected {other:?}")),
+        }
+    }
+    async fn open_tunnel(&self, _: PeerAddr) -> Result<DuplexStream, String> {
+        Err("no tunnels here".into())
+    }
+}
+
+/// Routing to a cached instance is decided while a probe of that very instance is
+/// still outstanding: the loop never waits for network operations.
+#[test]
+fn routing_to_a_cached_peer_does_not_wait_behind_a_probe() {
+    use crate::node_loop::NodeRuntime;
+    use crate::transport::inbound_channel;
+    use physarum_core::config::NodeConfig;
+    use physarum_core::perf::{PerfLimits, Requirements};
+    use physarum_core::types::{RunSpec, ServiceInfo};
+    run(async {
+        let net = ScriptedNet::default();
+        *net.info.borrow_mut() = Some(ServiceInfo {
+            name: "hello".into(),
+            hash: ContentHash("h1".into()),
+            run: RunSpec::Exec { program: "hello".into(), args: vec![] },
+            requirements: Requirements::default(),
+            cpu_millis: 0,
+            memory_mb: 0,
+            stateful: false,
+        });
+        let (_senders, inbound) = inbound_channel::<DuplexStream>();
+        let reqs = Requirements {
+            soft: PerfLimits::rtt(Duration::from_millis(100)),
+            hard: PerfLimits::rtt(Duration::from_secs(30)),
+        };
+        let config = NodeConfig::new(PeerId("A".into()), reqs);
+        let running = NodeRuntime::new(config, 1, net.clone(), inbound, RuntimeConfig::default()).spawn();
+        let handle = running.handle();
+        let routed_to_b =
+            |o: Option<Outcome>| matches!(o, Some(Outcome::Route { instance, .. }) if instance.peer.0 == "B");
+        // Discovery: registry, providers, probe → B, now cached.
+        assert!(routed_to_b(handle.request("hello".into(), Duration::from_secs(10)).await));
+        // From now on probes hang; wait until the peer cache's periodic probe of B is out.
+        net.hold_probes.set(true);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while net.probes_pending.get() == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "no periodic probe");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let started = net.probes_started.get();
+        for _ in 0..5 {
+            assert!(routed_to_b(handle.request("hello".into(), Duration::from_secs(10)).await));
+        }
+        // Every answer came while that probe was still outstanding.
+        assert!(net.probes_pending.get() >= 1);
+        assert!(net.probes_started.get() >= started);
+        net.release.notify_waiters();
+        drop(running);
+    });
+}
+
+#[test]
+fn an_instance_that_never_answers_gets_504_by_the_deadline_and_is_reported() {
+    run(async {
+        let h = harness().await;
+        let mut c = client(h.front).await;
+        let started = tokio::time::Instant::now();
+        let resp = c.send_request(get("/hello/hang")).await.unwrap();
+        let waited = started.elapsed();
+        assert_eq!(resp.status(), 504);
+        assert!(text(resp).await.contains("deadline"));
+        // The harness's request deadline is 5 s; the answer comes at it, not long after.
+        assert!(waited >= Duration::from_secs(5) && waited < Duration::from_secs(7), "answered after {waited:?}");
+        let failures = h.route_failures.borrow().clone();
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert_eq!(failures[0].0, PeerId("B".into()));
+    });
+}

@@ -1,0 +1,288 @@
+//! Tunnelled HTTP between proxies.
+//!
+//! Design: a **pool of long-lived HTTP/1.1 keep-alive streams** per (peer, service).
+//! Each stream starts with a `TunnelHello`/`TunnelAck` exchange, then carries one
+//! request at a time; after a response body has been read to its end the stream goes
+//! back to the pool. Why this rather than HTTP/2 over one stream (API-NOTES measured
+//! both within ~10 % of each other in throughput; the pool had the better c1 latency,
+//! 59 vs 71 µs per hop):
+//! - no protocol translation: HTTP/1.1 end to end, so no version rewriting;
+//! - a broken stream fails one request, not every request in flight to that peer;
+//! - large bodies stream under yamux's per-stream flow control only, with no second
+//!   (HTTP/2) window to tune for a 1 GB download;
+//! - on the service side one tunnel stream maps onto one keep-alive connection to the
+//!   application, so no second pool is needed there;
+//! - the hello/ack exchange happens before any request byte is sent, so a stream that
+//!   libp2p-stream dropped silently on the far side is detected (no ack) while the
+//!   request is still intact, and the request is retried once on a fresh stream.
+
+use crate::http::{read_frame, strip_for_forwarding, strip_hop_by_hop, text_response, write_frame, ProxyBody};
+use crate::node_loop::{NodeHandle, RuntimeConfig};
+use crate::transport::{ByteStream, Connector, InboundTunnel, Transport};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self as client1, SendRequest};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use physarum_core::types::{PeerAddr, PeerId};
+use physarum_core::wire::{TunnelAck, TunnelHello};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+type Key = (PeerId, String);
+
+/// Client side: pooled tunnel streams to instance peers.
+pub struct TunnelPool<T: Transport> {
+    transport: T,
+    idle: RefCell<BTreeMap<Key, Vec<SendRequest<Incoming>>>>,
+    max_idle: usize,
+    open_timeout: Duration,
+}
+
+impl<T: Transport> TunnelPool<T> {
+    pub fn new(transport: T, config: &RuntimeConfig) -> Self {
+        TunnelPool {
+            transport,
+            idle: RefCell::new(BTreeMap::new()),
+            max_idle: config.max_idle_tunnels,
+            open_timeout: config.tunnel_open_timeout,
+        }
+    }
+
+    /// Idle streams currently pooled for `peer` and `service` (for tests and metrics).
+    pub fn idle_count(&self, peer: &PeerId, service: &str) -> usize {
+        self.idle.borrow().get(&(peer.clone(), service.to_string())).map_or(0, Vec::len)
+    }
+
+    fn take_idle(&self, key: &Key) -> Option<SendRequest<Incoming>> {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.get_mut(key)?;
+        while let Some(s) = list.pop() {
+            if s.is_ready() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    fn put_idle(self: &Rc<Self>, key: Key, mut sender: SendRequest<Incoming>) {
+        let pool = self.clone();
+        // The connection becomes ready again once its task has seen the response end.
+        tokio::task::spawn_local(async move {
+            let ready = tokio::time::timeout(Duration::from_secs(1), sender.ready()).await;
+            if matches!(ready, Ok(Ok(()))) {
+                let mut idle = pool.idle.borrow_mut();
+                let list = idle.entry(key).or_default();
+                if list.len() < pool.max_idle {
+                    list.push(sender);
+                }
+            }
+        });
+    }
+
+    /// Open a fresh stream to `peer` for `service`: open, hello, ack, HTTP/1 handshake.
+    async fn open(&self, peer: &PeerAddr, service: &str) -> Result<SendRequest<Incoming>, String> {
+        let fut = async {
+            let mut stream = self.transport.open_tunnel(peer.clone()).await?;
+            write_frame(&mut stream, &TunnelHello { service: service.to_string() })
+                .await
+                .map_err(|e| format!("tunnel hello: {e}"))?;
+            match read_frame::<_, TunnelAck>(&mut stream).await {
+                Ok(TunnelAck::Ok) => {}
+                Ok(TunnelAck::Rejected { reason }) => return Err(format!("tunnel rejected: {reason}")),
+                Err(e) => return Err(format!("tunnel ack: {e}")),
+            }
+            let (sender, conn) =
+                client1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("tunnel handshake: {e}"))?;
+            tokio::task::spawn_local(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!("tunnel connection ended: {e}");
+                }
+            });
+            Ok(sender)
+        };
+        match tokio::time::timeout(self.open_timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err("timed out opening a tunnel".into()),
+        }
+    }
+
+    /// Send `req` (origin-form URI, hop-by-hop headers already removed) to `peer`'s
+    /// proxy for `service`. Pooled streams are tried first; a request the stream never
+    /// took is retried on a fresh stream, and a fresh stream that fails before taking
+    /// the request is retried once. The response body streams; its stream returns to
+    /// the pool when the body has been read to its end.
+    pub async fn send(
+        self: &Rc<Self>,
+        peer: &PeerAddr,
+        service: &str,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, String> {
+        let key: Key = (peer.peer.clone(), service.to_string());
+        let mut fresh_failures = 0;
+        let mut last_err = String::new();
+        loop {
+            let (mut sender, fresh) = match self.take_idle(&key) {
+                Some(s) => (s, false),
+                None => {
+                    if fresh_failures >= 2 {
+                        return Err(last_err);
+                    }
+                    match self.open(peer, service).await {
+                        Ok(s) => (s, true),
+                        Err(e) => {
+                            fresh_failures += 1;
+                            last_err = e;
+                            continue;
+                        }
+                    }
+                }
+            };
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    let pool = self.clone();
+                    let (mut parts, body) = resp.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    let body = ProxyBody::stream_then(body, move || pool.put_idle(key, sender));
+                    return Ok(Response::from_parts(parts, body));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(back) => {
+                        // The stream never took the request: try another one.
+                        tracing::debug!(fresh, "tunnel stream unusable, retrying: {}", e.error());
+                        if fresh {
+                            fresh_failures += 1;
+                        }
+                        last_err = format!("tunnel: {}", e.error());
+                        req = back;
+                    }
+                    None => return Err(format!("tunnel: {}", e.into_error())),
+                },
+            }
+        }
+    }
+}
+
+/// Service side: accept tunnel streams and serve them. `serve` is the service this
+/// node serves (service mode), `None` for nodes that serve nothing (hellos rejected).
+pub(crate) async fn serve_tunnels<S: ByteStream, C: Connector>(
+    mut tunnels: mpsc::UnboundedReceiver<InboundTunnel<S>>,
+    serve: Option<String>,
+    app: C,
+    node: NodeHandle,
+    hello_timeout: Duration,
+) {
+    let serve: Option<Rc<str>> = serve.map(Rc::from);
+    while let Some(InboundTunnel { from, stream }) = tunnels.recv().await {
+        let serve = serve.clone();
+        let app = app.clone();
+        let node = node.clone();
+        tokio::task::spawn_local(async move {
+            if let Err(e) = serve_one(stream, serve, app, node, hello_timeout).await {
+                tracing::debug!(%from, "tunnel stream ended: {e}");
+            }
+        });
+    }
+}
+
+async fn serve_one<S: ByteStream, C: Connector>(
+    mut stream: S,
+    serve: Option<Rc<str>>,
+    app: C,
+    node: NodeHandle,
+    hello_timeout: Duration,
+) -> Result<(), String> {
+    let hello: TunnelHello = tokio::time::timeout(hello_timeout, read_frame(&mut stream))
+        .await
+        .map_err(|_| "no hello in time".to_string())?
+        .map_err(|e| format!("bad hello: {e}"))?;
+    let ack = match &serve {
+        Some(name) if **name == *hello.service => TunnelAck::Ok,
+        Some(name) => TunnelAck::Rejected { reason: format!("this instance serves {name:?}, not {:?}", hello.service) },
+        None => TunnelAck::Rejected { reason: "this node serves no service".into() },
+    };
+    let accepted = ack == TunnelAck::Ok;
+    write_frame(&mut stream, &ack).await.map_err(|e| format!("ack: {e}"))?;
+    if !accepted {
+        return Ok(());
+    }
+    let upstream = Rc::new(AppLink { app, conn: RefCell::new(None) });
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let upstream = upstream.clone();
+        let node = node.clone();
+        async move {
+            node.tunnel_served();
+            Ok::<_, std::convert::Infallible>(upstream.forward(req).await)
+        }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        // Tunnel streams are long-lived and idle between requests.
+        .header_read_timeout(None)
+        .serve_connection(TokioIo::new(stream), svc)
+        .await
+        .map_err(|e| format!("serving: {e}"))
+}
+
+/// One tunnel stream's keep-alive connection to the application.
+struct AppLink<C: Connector> {
+    app: C,
+    conn: RefCell<Option<SendRequest<Incoming>>>,
+}
+
+impl<C: Connector> AppLink<C> {
+    async fn sender(&self, reuse: bool) -> Result<SendRequest<Incoming>, String> {
+        let existing = self.conn.borrow_mut().take();
+        if let (Some(mut s), true) = (existing, reuse) {
+            if s.ready().await.is_ok() {
+                return Ok(s);
+            }
+        }
+        let io = self.app.connect().await.map_err(|e| format!("cannot reach the service: {e}"))?;
+        let (sender, conn) =
+            client1::handshake(TokioIo::new(io)).await.map_err(|e| format!("cannot reach the service: {e}"))?;
+        tokio::task::spawn_local(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("application connection ended: {e}");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn forward(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        strip_for_forwarding(req.headers_mut());
+        // A kept-alive connection the application closed meanwhile gives the request
+        // back untouched: then one more try on a new connection.
+        let mut reuse = true;
+        let result = loop {
+            let mut sender = match self.sender(reuse).await {
+                Ok(s) => s,
+                Err(e) => return text_response(502, e),
+            };
+            let result = sender.try_send_request(req).await;
+            // The server side handles one request at a time per stream, so the next
+            // request only comes after this response (body included) is done.
+            *self.conn.borrow_mut() = Some(sender);
+            match result {
+                Ok(resp) => break Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    Some(back) if reuse => {
+                        reuse = false;
+                        req = back;
+                    }
+                    _ => break Err(e.into_error()),
+                },
+            }
+        };
+        match result {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, ProxyBody::stream(body))
+            }
+            Err(e) => text_response(502, format!("the service failed: {e}")),
+        }
+    }
+}
