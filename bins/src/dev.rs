@@ -1,0 +1,299 @@
+//! `physarum dev`: a whole cluster on this machine with no setup — a bootstrap, a
+//! registry (store in a temporary or given data dir, `hello-world-server`
+//! registered), N allocators with the process driver and an anonymous proxy on
+//! 127.0.0.1:4200. Every daemon is a child process running this executable's
+//! subcommand of the same name, so `cargo run -p physarum -- dev` needs nothing
+//! else built; the allocators start `physarum proxy` sidecars and the demo service
+//! is `physarum hello`. Ctrl-C or SIGTERM stops them all, allocators stopping their instances
+//! first, and children die with this process however it ends (PR_SET_PDEATHSIG).
+
+use crate::cli::DevArgs;
+use crate::service_config::{ExecConfig, ServiceConfig};
+use crate::store::RegistryStore;
+use anyhow::{bail, Context, Result};
+use physarum_net_real::driver::die_with_parent;
+use physarum_net_real::keyfile;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::process::{Child, Command};
+
+/// The bundled demo service.
+pub const HELLO_SERVICE: &str = "hello-world-server";
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Daemon {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    metrics: SocketAddr,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?.local_addr()?.port())
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+async fn metrics_up(addr: SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.ok()?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).await.ok()?;
+        Some(head.starts_with(b"HTTP/1.1 200"))
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(1), attempt).await, Ok(Some(true)))
+}
+
+struct Cluster {
+    root: PathBuf,
+    logs: PathBuf,
+    /// This executable: every daemon is one of its subcommands.
+    exe: PathBuf,
+    conf: PathBuf,
+    daemons: Vec<Daemon>,
+}
+
+impl Cluster {
+    /// Start `physarum <subcommand> ARGS…` (this very executable).
+    fn spawn(&mut self, name: &str, subcommand: &str, args: &[String], metrics: SocketAddr) -> Result<()> {
+        let log = self.logs.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let err = out.try_clone()?;
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg(subcommand)
+            .args(args)
+            .current_dir(&self.root)
+            .env_remove("P2P_BOOTSTRAPS")
+            .env_remove("P2P_PSK")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true)
+            // Ctrl-C in the terminal reaches only us; we stop the children in order.
+            .process_group(0);
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn().with_context(|| format!("cannot start {} {subcommand}", self.exe.display()))?;
+        self.daemons.push(Daemon { name: name.to_string(), child, log, metrics });
+        Ok(())
+    }
+
+    /// Wait until the named daemons serve their metrics (they do once they run).
+    async fn wait_up(&mut self, names: &[String]) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        for d in self.daemons.iter_mut().filter(|d| names.contains(&d.name)) {
+            loop {
+                if metrics_up(d.metrics).await {
+                    break;
+                }
+                if let Ok(Some(status)) = d.child.try_wait() {
+                    bail!("{} exited while starting ({status}); its log:\n{}", d.name, tail(&d.log, 15));
+                }
+                if Instant::now() >= deadline {
+                    bail!("{} did not start within {START_TIMEOUT:?}; its log:\n{}", d.name, tail(&d.log, 15));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stop every daemon, the proxy and allocators first (they stop their
+    /// instances), the bootstrap last: SIGTERM, then SIGKILL after a grace.
+    async fn stop(&mut self) {
+        while let Some(mut d) = self.daemons.pop() {
+            if let Ok(Some(_)) = d.child.try_wait() {
+                continue;
+            }
+            if let Some(pid) = d.child.id() {
+                // SAFETY: signalling our own unreaped child.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGTERM);
+                }
+            }
+            if tokio::time::timeout(Duration::from_secs(8), d.child.wait()).await.is_err() {
+                eprintln!("{} did not stop within 8 s: killing it", d.name);
+                let _ = d.child.kill().await;
+            }
+        }
+    }
+
+    /// The first daemon that exited on its own, if any.
+    fn exited(&mut self) -> Option<(String, String, PathBuf)> {
+        self.daemons.iter_mut().find_map(|d| match d.child.try_wait() {
+            Ok(Some(status)) => Some((d.name.clone(), status.to_string(), d.log.clone())),
+            _ => None,
+        })
+    }
+}
+
+/// Register (or refresh) the bundled `hello-world-server` in the store: this
+/// executable's `hello` subcommand.
+fn seed_registry(data_dir: &Path, physarum: &Path) -> Result<()> {
+    let store = RegistryStore::open(data_dir)?;
+    let mut entries = store.load()?;
+    let config = ServiceConfig {
+        name: Some(HELLO_SERVICE.into()),
+        exec: Some(ExecConfig { program: physarum.display().to_string(), args: vec!["hello".into()] }),
+        image: None,
+        network_soft_req: 100,
+        network_hard_req: 1000,
+        cpu_req: 100,
+        memory_req: 16,
+        stateful: false,
+    };
+    let info = config.to_service_info(None, Path::new("/"))?;
+    entries.retain(|e| e.name != HELLO_SERVICE);
+    entries.push(info);
+    store.save(&entries)
+}
+
+/// Run the dev cluster until Ctrl-C / SIGTERM.
+pub async fn run(args: DevArgs) -> Result<()> {
+    if args.allocators == 0 {
+        bail!("--allocators must be at least 1");
+    }
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let proxy_addr = local(args.port);
+    TcpListener::bind(proxy_addr)
+        .with_context(|| format!("port {} is taken on 127.0.0.1: stop what uses it or pass --port", args.port))?;
+
+    let root = std::env::temp_dir().join(format!("physarum-dev-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("logs")).with_context(|| format!("cannot create {}", root.display()))?;
+    let data_dir = args.data_dir.clone().unwrap_or_else(|| root.join("registry-data"));
+    let conf = root.join("conf.json");
+    std::fs::write(
+        &conf,
+        "{\"Perf\": {\"SoftReq\": {\"RTT\": 100}, \"HardReq\": {\"RTT\": 1000}}, \"Bootstraps\": []}\n",
+    )?;
+    seed_registry(&data_dir, &exe)?;
+
+    let mut cluster =
+        Cluster { logs: root.join("logs"), root: root.clone(), exe, conf: conf.clone(), daemons: Vec::new() };
+    let result = run_cluster(&mut cluster, &args, &data_dir, proxy_addr).await;
+    eprintln!("\nStopping the cluster...");
+    cluster.stop().await;
+    if result.is_ok() || std::env::var_os("PHYSARUM_KEEP_DEV_DIR").is_none() {
+        let _ = std::fs::remove_dir_all(&root);
+    }
+    match &result {
+        Ok(()) => eprintln!("Stopped."),
+        Err(_) => eprintln!("Stopped after an error."),
+    }
+    result
+}
+
+async fn run_cluster(c: &mut Cluster, args: &DevArgs, data_dir: &Path, proxy_addr: SocketAddr) -> Result<()> {
+    let t0 = Instant::now();
+    let conf = c.conf.display().to_string();
+    let mut common = vec!["--configfile".to_string(), conf];
+    if let Some(psk) = &args.psk {
+        common.extend(["--psk".to_string(), psk.clone()]);
+    }
+
+    // Bootstrap: its identity is made here so its address is known in advance.
+    let boot_key = c.root.join("bootstrap.key");
+    let boot_peer = keyfile::peer_id_string(&keyfile::generate_to(&boot_key)?);
+    let boot_port = free_port()?;
+    let boot_addr = format!("/ip4/127.0.0.1/tcp/{boot_port}/p2p/{boot_peer}");
+    let boot_metrics = local(free_port()?);
+    let mut a = common.clone();
+    a.extend([
+        "--key".into(),
+        boot_key.display().to_string(),
+        "--listen".into(),
+        format!("/ip4/127.0.0.1/tcp/{boot_port}"),
+        "--metrics".into(),
+        boot_metrics.to_string(),
+    ]);
+    c.spawn("bootstrap", "bootstrap", &a, boot_metrics)?;
+    c.wait_up(&["bootstrap".into()]).await?;
+
+    let joined = |name: &str, c: &Cluster| {
+        let mut a = common.clone();
+        a.extend([
+            "--bootstrap".into(),
+            boot_addr.clone(),
+            "--listen".into(),
+            "/ip4/127.0.0.1/tcp/0".into(),
+            "--key".into(),
+            c.root.join(format!("{name}.key")).display().to_string(),
+        ]);
+        a
+    };
+
+    let reg_metrics = local(free_port()?);
+    let mut a = joined("registry", c);
+    a.extend(["--data-dir".into(), data_dir.display().to_string(), "--metrics".into(), reg_metrics.to_string()]);
+    c.spawn("registry", "registry-service", &a, reg_metrics)?;
+    c.wait_up(&["registry".into()]).await?;
+
+    let mut alloc_names = Vec::new();
+    let mut alloc_metrics = Vec::new();
+    for i in 1..=args.allocators {
+        let name = format!("allocator-{i}");
+        let m = local(free_port()?);
+        let mut a = joined(&name, c);
+        a.extend([
+            "--metrics".into(),
+            m.to_string(),
+            "--instance-dir".into(),
+            c.root.join(format!("{name}-instances")).display().to_string(),
+        ]);
+        c.spawn(&name, "allocator", &a, m)?;
+        alloc_names.push(name);
+        alloc_metrics.push(m);
+    }
+    c.wait_up(&alloc_names).await?;
+
+    let proxy_metrics = local(free_port()?);
+    let mut a = joined("proxy", c);
+    a.extend(["--metrics".into(), proxy_metrics.to_string(), proxy_addr.port().to_string()]);
+    c.spawn("proxy", "proxy", &a, proxy_metrics)?;
+    c.wait_up(&["proxy".into()]).await?;
+
+    let took = t0.elapsed();
+    println!("physarum dev cluster is up (started in {:.1} s):", took.as_secs_f64());
+    println!("  bootstrap    {boot_addr}");
+    println!("               metrics http://{boot_metrics}/metrics");
+    println!("  registry     data in {}", data_dir.display());
+    println!("               metrics http://{reg_metrics}/metrics");
+    for (name, m) in alloc_names.iter().zip(&alloc_metrics) {
+        println!("  {name:12} process driver, metrics http://{m}/metrics");
+    }
+    println!("  proxy        http://{proxy_addr}  (anonymous mode)");
+    println!("               metrics http://{proxy_metrics}/metrics");
+    println!("  service      {HELLO_SERVICE} -> {} hello", c.exe.display());
+    println!("  logs         {}", c.logs.display());
+    println!();
+    println!("Try:");
+    println!("  curl {}:{}/{HELLO_SERVICE}/hello", proxy_addr.ip(), proxy_addr.port());
+    println!();
+    println!("Press Ctrl-C to stop.");
+
+    let mut check = tokio::time::interval(Duration::from_millis(500));
+    let shutdown = crate::signals::shutdown();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            _ = check.tick() => {
+                if let Some((name, status, log)) = c.exited() {
+                    bail!("{name} exited unexpectedly ({status}); its log:\n{}", tail(&log, 15));
+                }
+            }
+        }
+    }
+}

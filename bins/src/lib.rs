@@ -1,0 +1,15 @@
+//! physarum: the binaries (allocator, proxy, registry, bootstrap, hello, and the
+//! `physarum` CLI) and what they share: command-line definitions, config loading,
+//! service configs, the registry's persistent store, logging.
+
+pub mod cli;
+pub mod conf;
+pub mod daemon;
+pub mod daemons;
+pub mod dev;
+pub mod hello;
+pub mod logging;
+pub mod registry_client;
+pub mod service_config;
+pub mod signals;
+pub mod store;
