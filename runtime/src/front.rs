@@ -5,12 +5,13 @@
 use crate::http::{strip_for_forwarding, text_response, ProxyBody};
 use crate::node_loop::NodeHandle;
 use crate::transport::{Listener, Observer, Transport};
-use crate::tunnel::TunnelPool;
+use crate::tunnel::{SendFailure, TunnelPool};
 use hyper::body::Incoming;
 use hyper::http::uri::PathAndQuery;
 use hyper::{Request, Response, Uri};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use physarum_core::io::Outcome;
+use physarum_core::types::{ContentHash, PeerAddr};
 use std::convert::Infallible;
 use std::rc::Rc;
 use std::time::Duration;
@@ -82,37 +83,63 @@ async fn route<T: Transport>(ctx: &FrontCtx<T>, mut req: Request<Incoming>) -> (
         Ok(pq) => Uri::from(pq),
         Err(e) => return (service, text_response(400, format!("bad path: {e}"))),
     };
-    // The core answers by the deadline; the extra second only guards against a bug.
-    let outcome = tokio::time::timeout(
-        ctx.request_deadline + Duration::from_secs(1),
-        ctx.handle.request(service.clone(), ctx.request_deadline),
-    )
-    .await;
-    let (instance, hash) = match outcome {
-        Ok(Some(Outcome::Route { instance, service: hash })) => (instance, hash),
-        Ok(Some(Outcome::Fail { status, reason })) => return (service, text_response(status, reason)),
-        Ok(None) => return (service, text_response(503, "the node is shutting down")),
-        Err(_) => return (service, text_response(504, "no decision within the request deadline")),
-    };
     *req.uri_mut() = forward;
     *req.version_mut() = hyper::Version::HTTP_11;
     strip_for_forwarding(req.headers_mut());
-    // A tunnel whose connection died silently (partition, host gone without a RST)
-    // never errors: bound the wait, and drop the stream with the future so it never
-    // returns to the pool.
-    match tokio::time::timeout_at(deadline, ctx.pool.send(&instance, &service, req)).await {
-        Ok(Ok(resp)) => (service, resp),
-        Ok(Err(reason)) => {
-            ctx.handle.route_failed(hash, instance.peer.clone(), reason.clone());
-            let msg = format!("could not forward to instance {} of {service}: {reason}", instance.peer);
-            (service, text_response(502, msg))
+    // A cached instance that died is only noticed when its tunnel cannot be opened;
+    // the request is still untouched then, so the core is asked once more (it has
+    // evicted the peer and finds or allocates another) rather than failing the client.
+    let mut retried = false;
+    loop {
+        let (instance, hash) = match decide(ctx, &service, deadline).await {
+            Ok(route) => route,
+            Err(resp) => return (service, resp),
+        };
+        // A tunnel whose connection died silently (partition, host gone without a
+        // RST) never errors: bound the wait, and drop the stream with the future so
+        // it never returns to the pool.
+        match tokio::time::timeout_at(deadline, ctx.pool.send(&instance, &service, req)).await {
+            Ok(Ok(resp)) => return (service, resp),
+            Ok(Err(SendFailure { reason, unsent })) => {
+                ctx.handle.route_failed(hash, instance.peer.clone(), reason.clone());
+                match unsent {
+                    Some(back) if !retried => {
+                        tracing::debug!(%service, peer = %instance.peer, %reason, "instance unreachable, asking again");
+                        retried = true;
+                        req = back;
+                    }
+                    _ => {
+                        let msg = format!("could not forward to instance {} of {service}: {reason}", instance.peer);
+                        return (service, text_response(502, msg));
+                    }
+                }
+            }
+            Err(_) => {
+                let reason = "no response within the request deadline".to_string();
+                ctx.handle.route_failed(hash, instance.peer.clone(), reason.clone());
+                let msg = format!("instance {} of {service} sent {reason}", instance.peer);
+                return (service, text_response(504, msg));
+            }
         }
-        Err(_) => {
-            let reason = "no response within the request deadline".to_string();
-            ctx.handle.route_failed(hash, instance.peer.clone(), reason.clone());
-            let msg = format!("instance {} of {service} sent {reason}", instance.peer);
-            (service, text_response(504, msg))
-        }
+    }
+}
+
+/// Ask the core where `service`'s request goes, within what is left of `deadline`:
+/// the instance and the service's hash, or the response to give the client.
+async fn decide<T: Transport>(
+    ctx: &FrontCtx<T>,
+    service: &str,
+    deadline: tokio::time::Instant,
+) -> Result<(PeerAddr, ContentHash), Response<ProxyBody>> {
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    // The core answers by the deadline; the extra second only guards against a bug.
+    let outcome =
+        tokio::time::timeout(left + Duration::from_secs(1), ctx.handle.request(service.to_string(), left)).await;
+    match outcome {
+        Ok(Some(Outcome::Route { instance, service: hash })) => Ok((instance, hash)),
+        Ok(Some(Outcome::Fail { status, reason })) => Err(text_response(status, reason)),
+        Ok(None) => Err(text_response(503, "the node is shutting down")),
+        Err(_) => Err(text_response(504, "no decision within the request deadline")),
     }
 }
 

@@ -132,6 +132,9 @@ struct Harness {
     route_failures: Rc<RefCell<Vec<(PeerId, String)>>>,
     gate: std::sync::Arc<tokio::sync::Notify>,
     pool: Rc<TunnelPool<FakeNet>>,
+    /// When set, the next `hello` is routed to a peer that no longer exists (a cached
+    /// instance that died), as the real core would before it learns of the death.
+    next_hello_to_dead: Rc<Cell<bool>>,
 }
 
 /// Proxy "A" (front end + fake core) and instance proxy "B" (serving `hello`,
@@ -156,6 +159,8 @@ async fn harness() -> Harness {
     let (a_handle, mut a_cmds) = NodeHandle::for_test(PeerId("A".into()));
     let route_failures = Rc::new(RefCell::new(Vec::new()));
     let failures = route_failures.clone();
+    let next_hello_to_dead = Rc::new(Cell::new(false));
+    let to_dead = next_hello_to_dead.clone();
     tokio::task::spawn_local(async move {
         while let Some(cmd) = a_cmds.recv().await {
             match cmd {
@@ -165,6 +170,7 @@ async fn harness() -> Harness {
                         service: ContentHash(format!("hash-{service}")),
                     };
                     let outcome = match service.as_str() {
+                        "hello" if to_dead.replace(false) => to("dead"),
                         "hello" | "wrong" => to("B"),
                         "ghost" => to("nobody"),
                         _ => Outcome::Fail { status: 404, reason: format!("unknown service {service}") },
@@ -186,7 +192,7 @@ async fn harness() -> Harness {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let front = listener.local_addr().unwrap();
     tokio::task::spawn_local(front::serve(listener, ctx));
-    Harness { front, net, route_failures, gate, pool }
+    Harness { front, net, route_failures, gate, pool, next_hello_to_dead }
 }
 
 async fn client(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<AppBody> {
@@ -344,9 +350,11 @@ fn a_failure_to_forward_answers_502_and_reports_the_peer() {
         // No such peer at all.
         let resp = c.send_request(get("/ghost/x")).await.unwrap();
         assert_eq!(resp.status(), 502);
+        // Nothing was sent either time, so the core was asked once more, and the
+        // (fake) core chose the same bad peer again.
         let failures = h.route_failures.borrow();
         let peers: Vec<&str> = failures.iter().map(|(p, _)| p.0.as_str()).collect();
-        assert_eq!(peers, vec!["B", "nobody"]);
+        assert_eq!(peers, vec!["B", "B", "nobody", "nobody"]);
     });
 }
 
@@ -559,5 +567,20 @@ fn an_instance_that_never_answers_gets_504_by_the_deadline_and_is_reported() {
         let failures = h.route_failures.borrow().clone();
         assert_eq!(failures.len(), 1, "{failures:?}");
         assert_eq!(failures[0].0, PeerId("B".into()));
+    });
+}
+
+#[test]
+fn a_dead_cached_instance_is_evicted_and_the_request_served_by_the_next_choice() {
+    run(async {
+        let h = harness().await;
+        let mut c = client(h.front).await;
+        h.next_hello_to_dead.set(true);
+        let resp = c.send_request(get("/hello/after-death")).await.unwrap();
+        assert_eq!(resp.status(), 200, "served, not failed");
+        assert_eq!(text(resp).await, "GET /after-death len=0 sum=0 secret=false kept=");
+        let failures = h.route_failures.borrow();
+        let peers: Vec<&str> = failures.iter().map(|(p, _)| p.0.as_str()).collect();
+        assert_eq!(peers, vec!["dead"], "the dead peer was reported for eviction");
     });
 }

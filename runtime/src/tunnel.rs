@@ -33,6 +33,14 @@ use tokio::sync::mpsc;
 
 type Key = (PeerId, String);
 
+/// Why a request could not be forwarded; `unsent` gives it back when none of it
+/// reached the instance, so it may be sent elsewhere.
+#[derive(Debug)]
+pub struct SendFailure {
+    pub reason: String,
+    pub unsent: Option<Request<Incoming>>,
+}
+
 /// Client side: pooled tunnel streams to instance peers.
 pub struct TunnelPool<T: Transport> {
     transport: T,
@@ -119,7 +127,7 @@ impl<T: Transport> TunnelPool<T> {
         peer: &PeerAddr,
         service: &str,
         mut req: Request<Incoming>,
-    ) -> Result<Response<ProxyBody>, String> {
+    ) -> Result<Response<ProxyBody>, SendFailure> {
         let key: Key = (peer.peer.clone(), service.to_string());
         let mut fresh_failures = 0;
         let mut last_err = String::new();
@@ -128,7 +136,8 @@ impl<T: Transport> TunnelPool<T> {
                 Some(s) => (s, false),
                 None => {
                     if fresh_failures >= 2 {
-                        return Err(last_err);
+                        // Nothing of the request left us: it can go to another instance.
+                        return Err(SendFailure { reason: last_err, unsent: Some(req) });
                     }
                     match self.open(peer, service).await {
                         Ok(s) => (s, true),
@@ -158,7 +167,7 @@ impl<T: Transport> TunnelPool<T> {
                         last_err = format!("tunnel: {}", e.error());
                         req = back;
                     }
-                    None => return Err(format!("tunnel: {}", e.into_error())),
+                    None => return Err(SendFailure { reason: format!("tunnel: {}", e.into_error()), unsent: None }),
                 },
             }
         }
