@@ -1,1 +1,18 @@
+//! physarum-net-sim: the simulation runtime (DESIGN.md §5).
+//!
+//! The core's `Node` machines run on turmoil hosts through the shared runtime's node
+//! loop, HTTP front end and tunnel server (`physarum-runtime`); this crate provides
+//! the turmoil transport ([`transport`]), the simulated DHT ([`dht`]), the simulated
+//! instance driver and applications ([`app`]), scenarios as data ([`scenario`]), the
+//! trace and its hash ([`trace`]).
 
+pub mod app;
+pub mod cluster;
+pub mod dht;
+pub mod node;
+pub mod scenario;
+pub mod trace;
+pub mod transport;
+
+pub use cluster::{run, Figures, Report};
+pub use scenario::{Fault, Invariants, Role, Scenario, ScenarioBuilder, Workload};

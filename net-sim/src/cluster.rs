@@ -1,0 +1,544 @@
+//! Running a scenario: the turmoil simulation is built from the scenario (one host per
+//! node, `rng_seed` from the run's seed), driven with `sim.step()`, and the scheduled
+//! faults are applied between steps. The result is a [`Report`]: figures, the trace and
+//! its hash, and the invariants that did not hold.
+
+use crate::node::{host_main, Ctx, Fate, RequestRecord};
+use crate::scenario::{Fault, Scenario};
+use crate::trace::{Kind, Record, Trace};
+use physarum_core::io::Event;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::time::Duration;
+
+/// Half of a round-trip time: turmoil's latency is one way.
+fn one_way(rtt_ms: f64) -> Duration {
+    Duration::from_micros((rtt_ms * 500.0).round().max(0.0) as u64)
+}
+
+/// The figures of a run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Figures {
+    /// Requests the workloads sent.
+    pub sent: u64,
+    /// Answered with a 2xx status.
+    pub ok: u64,
+    /// Answered with another status, or the connection failed.
+    pub failed: u64,
+    /// No answer by the client's deadline.
+    pub timed_out: u64,
+    /// Never answered because the client's host crashed.
+    pub lost: u64,
+    /// Still waiting for an answer when the run ended (not counted as sent).
+    pub in_flight: u64,
+    /// Instances allocators began to start / that came up.
+    pub instances_started: u64,
+    pub instances_up: u64,
+    /// Allocations clients obtained (`Event::Allocated`).
+    pub allocations: u64,
+    /// Clients moving to a better instance (`Event::Switched`).
+    pub switches: u64,
+    pub evictions: u64,
+    pub culls: u64,
+    /// Latency of successful requests in simulated time.
+    pub p50: Duration,
+    pub p99: Duration,
+}
+
+/// What a run produced.
+pub struct Report {
+    pub scenario: String,
+    pub seed: u64,
+    pub simulated: Duration,
+    /// Wall-clock time the run took (not part of the trace).
+    pub wall: Duration,
+    pub trace: Trace,
+    pub trace_hash: String,
+    pub requests: Vec<RequestRecord>,
+    pub figures: Figures,
+    /// Invariants of the scenario that did not hold, one sentence each.
+    pub violations: Vec<String>,
+}
+
+impl Report {
+    pub fn records(&self) -> Vec<Record> {
+        self.trace.records()
+    }
+
+    /// Core events of the run with the node they happened on and when.
+    pub fn events(&self) -> Vec<(Duration, String, Event)> {
+        self.trace
+            .records()
+            .into_iter()
+            .filter_map(|r| match r.kind {
+                Kind::Core(e) => Some((r.at, r.node, e)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// How many core events match `f`.
+    pub fn count_events(&self, f: impl Fn(&Event) -> bool) -> usize {
+        self.events().iter().filter(|(_, _, e)| f(e)).count()
+    }
+
+    /// Instances allocators began to start for `service`.
+    pub fn starts_of(&self, service: &str) -> usize {
+        self.count_events(|e| matches!(e, Event::InstanceStarting { service: s, .. } if s == service))
+    }
+
+    /// The instance that served each successful request, in request order.
+    pub fn served_by(&self) -> Vec<(Duration, String)> {
+        self.requests
+            .iter()
+            .filter_map(|r| match &r.fate {
+                Fate::Answered { status, served_by: Some(by), .. } if (200..300).contains(status) => {
+                    Some((r.at, by.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Requests sent in `[from, to)`.
+    pub fn requests_between(&self, from: Duration, to: Duration) -> Vec<&RequestRecord> {
+        self.requests.iter().filter(|r| r.at >= from && r.at < to).collect()
+    }
+
+    /// The figures as printed by `physarum-sim run`.
+    pub fn figures_text(&self) -> String {
+        let f = &self.figures;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "requests: {} sent, {} ok, {} failed, {} timed out, {} lost, {} in flight at the end",
+            f.sent, f.ok, f.failed, f.timed_out, f.lost, f.in_flight
+        );
+        let _ = writeln!(
+            s,
+            "instances: {} started, {} up, {} culled; allocations: {}; switches: {}; evictions: {}",
+            f.instances_started, f.instances_up, f.culls, f.allocations, f.switches, f.evictions
+        );
+        let _ = writeln!(
+            s,
+            "latency (simulated): p50 {:.3} ms, p99 {:.3} ms",
+            f.p50.as_secs_f64() * 1000.0,
+            f.p99.as_secs_f64() * 1000.0
+        );
+        s
+    }
+
+    /// Faults and notable events, one line each, in time order.
+    pub fn timeline(&self) -> String {
+        let mut s = String::new();
+        for r in self.trace.records() {
+            let notable = match &r.kind {
+                Kind::Fault(_) | Kind::NodeExited(_) | Kind::Bootstrap(_) | Kind::Driver(_) => true,
+                Kind::Core(e) => matches!(
+                    e,
+                    Event::Allocated { .. }
+                        | Event::AllocationRefused { .. }
+                        | Event::Evicted { .. }
+                        | Event::SeekBetter { .. }
+                        | Event::Switched { .. }
+                        | Event::InstanceCulled { .. }
+                        | Event::InstanceGone { .. }
+                ),
+                _ => false,
+            };
+            if notable {
+                let line = r.line();
+                let text = line.trim_start().split_once(' ').map(|x| x.1).unwrap_or("");
+                let _ = writeln!(s, "{:>10.3}s {text}", r.at.as_secs_f64());
+            }
+        }
+        s
+    }
+
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "scenario {} seed {}", self.scenario, self.seed);
+        let _ = writeln!(
+            s,
+            "simulated {:.1} s in {:.2} s wall ({:.1} simulated s per wall s)",
+            self.simulated.as_secs_f64(),
+            self.wall.as_secs_f64(),
+            self.simulated.as_secs_f64() / self.wall.as_secs_f64().max(1e-9)
+        );
+        s.push_str(&self.figures_text());
+        if self.violations.is_empty() {
+            s.push_str("invariants: all hold\n");
+        } else {
+            for v in &self.violations {
+                let _ = writeln!(s, "VIOLATED: {v}");
+            }
+        }
+        let _ = writeln!(s, "trace: {} records, hash {}", self.trace.len(), self.trace_hash);
+        s
+    }
+}
+
+/// A change of the network or of a host, for the invariant checks.
+#[derive(Clone, Debug)]
+enum NetChange {
+    Rtt(String, String, f64),
+    Cut(String, String),
+    Heal(String, String),
+    Down(String),
+    Up(String),
+}
+
+/// The network's history: how each link looked at each moment.
+struct NetHistory {
+    default_rtt: f64,
+    initial: BTreeMap<(String, String), f64>,
+    changes: Vec<(Duration, NetChange)>,
+}
+
+fn pair(a: &str, b: &str) -> (String, String) {
+    if a <= b {
+        (a.to_string(), b.to_string())
+    } else {
+        (b.to_string(), a.to_string())
+    }
+}
+
+impl NetHistory {
+    /// The RTT between hosts `a` and `b` at `at` (`None`: cut or a host down).
+    fn rtt_at(&self, a: &str, b: &str, at: Duration) -> Option<f64> {
+        let p = pair(a, b);
+        let mut rtt = self.initial.get(&p).copied().unwrap_or(self.default_rtt);
+        let mut cut = false;
+        let mut down: BTreeSet<&str> = BTreeSet::new();
+        for (t, c) in &self.changes {
+            if *t > at {
+                break;
+            }
+            match c {
+                NetChange::Rtt(x, y, r) if pair(x, y) == p => rtt = *r,
+                NetChange::Cut(x, y) if pair(x, y) == p => cut = true,
+                NetChange::Heal(x, y) if pair(x, y) == p => cut = false,
+                NetChange::Down(h) => {
+                    down.insert(h);
+                }
+                NetChange::Up(h) => {
+                    down.remove(h.as_str());
+                }
+                _ => {}
+            }
+        }
+        if cut || down.contains(a) || down.contains(b) {
+            None
+        } else {
+            Some(rtt)
+        }
+    }
+
+    /// Whether the link was over `hard_ms` (or cut) at every moment of `[from, to]`.
+    fn bad_throughout(&self, a: &str, b: &str, hard_ms: f64, from: Duration, to: Duration) -> bool {
+        let bad = |t: Duration| self.rtt_at(a, b, t).is_none_or(|r| r > hard_ms);
+        bad(from) && self.changes.iter().filter(|(t, _)| *t > from && *t <= to).all(|(t, _)| bad(*t))
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[idx]
+}
+
+/// Run `scenario` with `seed`.
+pub fn run(scenario: &Scenario, seed: u64) -> Result<Report, String> {
+    scenario.validate().map_err(|e| e.to_string())?;
+    let wall = std::time::Instant::now();
+    let trace = Trace::new();
+    let ctx = Ctx::new(scenario.clone(), seed, trace.clone());
+    let end = Duration::from_millis(scenario.duration_ms);
+    let mut builder = turmoil::Builder::new();
+    builder
+        .rng_seed(seed)
+        .simulation_duration(end + Duration::from_secs(1))
+        .tick_duration(Duration::from_micros(scenario.tick_us))
+        .min_message_latency(one_way(scenario.default_rtt_ms))
+        .max_message_latency(one_way(scenario.default_rtt_ms) + Duration::from_millis(scenario.jitter_ms))
+        .udp_capacity(4096)
+        .tcp_capacity(4096);
+    let mut sim = builder.build();
+    for n in &scenario.nodes {
+        let ctx = ctx.clone();
+        let name = n.name.clone();
+        sim.host(n.name.as_str(), move || host_main(ctx.clone(), name.clone()));
+    }
+    let mut history =
+        NetHistory { default_rtt: scenario.default_rtt_ms, initial: BTreeMap::new(), changes: Vec::new() };
+    for l in &scenario.links {
+        sim.set_link_latency(l.a.as_str(), l.b.as_str(), one_way(l.rtt_ms));
+        history.initial.insert(pair(&l.a, &l.b), l.rtt_ms);
+    }
+    let schedule = scenario.expanded_schedule();
+    let mut next = 0;
+    while sim.elapsed() < end {
+        while next < schedule.len() && Duration::from_millis(schedule[next].at_ms) <= sim.elapsed() {
+            let at = sim.elapsed();
+            let fault = &schedule[next].fault;
+            trace.push(at, "sim", Kind::Fault(fault.describe()));
+            apply(&mut sim, &ctx, fault, at, &mut history);
+            next += 1;
+        }
+        sim.step().map_err(|e| format!("simulation failed at {:?}: {e}", sim.elapsed()))?;
+    }
+    let simulated = sim.elapsed();
+    drop(sim);
+    let requests = ctx.requests.borrow().clone();
+    let figures = figures(&requests, &trace, simulated);
+    let mut report = Report {
+        scenario: scenario.name.clone(),
+        seed,
+        simulated,
+        wall: wall.elapsed(),
+        trace_hash: trace.hash(),
+        trace,
+        requests,
+        figures,
+        violations: Vec::new(),
+    };
+    report.violations = check(scenario, &report, &history, &ctx);
+    Ok(report)
+}
+
+fn apply(sim: &mut turmoil::Sim<'_>, ctx: &Ctx, fault: &Fault, at: Duration, h: &mut NetHistory) {
+    match fault {
+        Fault::Partition { a, b } | Fault::Repair { a, b } => {
+            let cut = matches!(fault, Fault::Partition { .. });
+            for x in a {
+                for y in b {
+                    if x == y {
+                        continue;
+                    }
+                    if cut {
+                        sim.partition(x.as_str(), y.as_str());
+                        h.changes.push((at, NetChange::Cut(x.clone(), y.clone())));
+                    } else {
+                        sim.repair(x.as_str(), y.as_str());
+                        h.changes.push((at, NetChange::Heal(x.clone(), y.clone())));
+                    }
+                }
+            }
+        }
+        Fault::Crash { node } | Fault::BootstrapDown { node } => {
+            if sim.is_host_running(node.as_str()) {
+                sim.crash(node.as_str());
+            }
+            h.changes.push((at, NetChange::Down(node.clone())));
+        }
+        Fault::Restart { node } | Fault::BootstrapUp { node } => {
+            if !sim.is_host_running(node.as_str()) {
+                sim.bounce(node.as_str());
+            }
+            h.changes.push((at, NetChange::Up(node.clone())));
+        }
+        Fault::Latency { a, b, rtt_ms } => {
+            sim.set_link_latency(a.as_str(), b.as_str(), one_way(*rtt_ms));
+            h.changes.push((at, NetChange::Rtt(a.clone(), b.clone(), *rtt_ms)));
+        }
+        Fault::LatencySweep { .. } => unreachable!("expanded before the run"),
+        Fault::Loss { a, b, rate } => sim.set_link_fail_rate(a.as_str(), b.as_str(), *rate),
+        Fault::SlowStart { node, boot_delay_ms } => {
+            ctx.boot_delays.borrow_mut().insert(node.clone(), Duration::from_millis(*boot_delay_ms));
+        }
+    }
+}
+
+fn figures(requests: &[RequestRecord], trace: &Trace, end: Duration) -> Figures {
+    let mut f = Figures::default();
+    let mut lat = Vec::new();
+    for r in requests {
+        match &r.fate {
+            Fate::Pending if r.at + r.deadline >= end => {
+                f.in_flight += 1;
+                continue;
+            }
+            Fate::Pending => {
+                f.lost += 1;
+                continue;
+            }
+            Fate::Answered { status, latency, .. } if (200..300).contains(status) => {
+                f.ok += 1;
+                lat.push(*latency);
+            }
+            Fate::Answered { .. } | Fate::Error(_) => f.failed += 1,
+            Fate::TimedOut => f.timed_out += 1,
+        }
+        f.sent += 1;
+    }
+    f.sent += f.lost;
+    lat.sort();
+    f.p50 = percentile(&lat, 0.50);
+    f.p99 = percentile(&lat, 0.99);
+    for r in trace.records() {
+        if let Kind::Core(e) = &r.kind {
+            match e {
+                Event::InstanceStarting { .. } => f.instances_started += 1,
+                Event::InstanceUp { .. } => f.instances_up += 1,
+                Event::Allocated { .. } => f.allocations += 1,
+                Event::Switched { .. } => f.switches += 1,
+                Event::Evicted { .. } => f.evictions += 1,
+                Event::InstanceCulled { .. } => f.culls += 1,
+                _ => {}
+            }
+        }
+    }
+    f
+}
+
+fn check(scenario: &Scenario, report: &Report, history: &NetHistory, ctx: &Ctx) -> Vec<String> {
+    let inv = &scenario.invariants;
+    let f = &report.figures;
+    let mut v = Vec::new();
+    if inv.answered_by_deadline && f.timed_out > 0 {
+        let seqs: Vec<String> = report
+            .requests
+            .iter()
+            .filter(|r| r.fate == Fate::TimedOut)
+            .take(10)
+            .map(|r| format!("#{} at {:?}", r.seq, r.at))
+            .collect();
+        v.push(format!("{} requests got no answer by their deadline: {}", f.timed_out, seqs.join(", ")));
+    }
+    if let Some(min) = inv.min_ok {
+        if f.ok < min {
+            v.push(format!("only {} requests succeeded, expected at least {min}", f.ok));
+        }
+    }
+    if let Some(max) = inv.max_not_ok {
+        let not_ok = f.failed + f.timed_out;
+        if not_ok > max {
+            v.push(format!("{not_ok} requests failed or timed out, expected at most {max}"));
+        }
+    }
+    let allocators = scenario.allocators().len() as u64;
+    let disruptive = scenario.expanded_schedule().iter().filter(|s| s.fault.is_disruptive()).count() as u64;
+    let gone = report.count_events(|e| matches!(e, Event::InstanceGone { .. } | Event::InstanceCulled { .. })) as u64;
+    for s in &scenario.services {
+        let starts = report.starts_of(&s.name) as u64;
+        if let Some(max) = inv.max_starts_per_service {
+            if starts > max {
+                v.push(format!("{starts} instances of {} were started, expected at most {max}", s.name));
+            }
+        }
+        if inv.bounded_allocations {
+            let bound = allocators * (1 + disruptive + gone);
+            if starts > bound {
+                v.push(format!(
+                    "{starts} instances of {} were started, over the bound {bound} = {allocators} allocators × (1 + {disruptive} faults + {gone} instances gone)",
+                    s.name
+                ));
+            }
+        }
+    }
+    if inv.no_hard_violating_selection {
+        let window = Duration::from_millis(scenario.tuning.selection_window_ms);
+        let hosts = ctx.instance_hosts.borrow();
+        let svc_of_hash: BTreeMap<String, String> = scenario
+            .services
+            .iter()
+            .filter_map(|s| ctx.service_info(&s.name).map(|i| (i.hash.0, s.name.clone())))
+            .collect();
+        let mut bad = Vec::new();
+        for r in report.trace.records() {
+            let Kind::Routed { service, instance } = &r.kind else { continue };
+            let host = hosts.get(instance).cloned().unwrap_or_else(|| instance.clone());
+            let name = svc_of_hash.get(service).cloned().unwrap_or_else(|| service.clone());
+            let hard = scenario.limits_of(&name).hard_ms as f64;
+            let from = r.at.saturating_sub(window);
+            if host != r.node && history.bad_throughout(&r.node, &host, hard, from, r.at) {
+                bad.push(format!("{} -> {instance} at {:?}", r.node, r.at));
+            }
+        }
+        if !bad.is_empty() {
+            v.push(format!(
+                "{} requests were routed to an instance over the hard limit: {}",
+                bad.len(),
+                bad.iter().take(5).cloned().collect::<Vec<_>>().join("; ")
+            ));
+        }
+    }
+    if let Some(within) = inv.recover_within_ms {
+        let last = scenario.expanded_schedule().last().map(|s| s.at_ms).unwrap_or(0);
+        let from = Duration::from_millis(last + within);
+        let failing: Vec<String> = report
+            .requests
+            .iter()
+            .filter(|r| r.at >= from && !r.ok() && !matches!(r.fate, Fate::Pending))
+            .take(10)
+            .map(|r| format!("#{} at {:?}: {:?}", r.seq, r.at, r.fate))
+            .collect();
+        if !failing.is_empty() {
+            v.push(format!("requests still failing {within} ms after the last fault: {}", failing.join("; ")));
+        }
+    }
+    // Always: at most one live instance per service on one allocator (the storm bound).
+    let mut live: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for r in report.trace.records() {
+        if let Kind::Core(e) = &r.kind {
+            match e {
+                Event::InstanceStarting { service, .. } => {
+                    let n = live.entry((r.node.clone(), service.clone())).or_insert(0);
+                    *n += 1;
+                    if *n > 1 {
+                        v.push(format!("allocator {} runs {} instances of {service} at {:?}", r.node, n, r.at));
+                    }
+                }
+                Event::InstanceCulled { service, .. } | Event::InstanceGone { service, .. } => {
+                    *live.entry((r.node.clone(), service.clone())).or_insert(1) -= 1;
+                }
+                _ => {}
+            }
+        }
+        if let Kind::NodeStarted { .. } = &r.kind {
+            // A restarted allocator starts from nothing.
+            live.retain(|(n, _), _| *n != r.node);
+        }
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_history_judges_selections() {
+        let mut h = NetHistory { default_rtt: 2.0, initial: BTreeMap::new(), changes: Vec::new() };
+        h.initial.insert(pair("c", "i"), 4.0);
+        h.changes.push((Duration::from_secs(10), NetChange::Cut("i".into(), "c".into())));
+        h.changes.push((Duration::from_secs(20), NetChange::Heal("c".into(), "i".into())));
+        h.changes.push((Duration::from_secs(30), NetChange::Rtt("c".into(), "i".into(), 50.0)));
+        h.changes.push((Duration::from_secs(40), NetChange::Down("i".into())));
+        let s = Duration::from_secs;
+        assert_eq!(h.rtt_at("c", "i", s(5)), Some(4.0));
+        assert_eq!(h.rtt_at("c", "x", s(5)), Some(2.0));
+        assert_eq!(h.rtt_at("i", "c", s(15)), None);
+        assert_eq!(h.rtt_at("c", "i", s(35)), Some(50.0));
+        assert_eq!(h.rtt_at("c", "x", s(45)), Some(2.0));
+        assert_eq!(h.rtt_at("x", "i", s(45)), None);
+        // Cut for the whole window: bad. Window reaching back before the cut: not bad.
+        assert!(h.bad_throughout("c", "i", 10.0, s(11), s(13)));
+        assert!(!h.bad_throughout("c", "i", 10.0, s(9), s(13)));
+        // Over the hard limit (10 ms) after 30 s; under a 100 ms limit it is fine.
+        assert!(h.bad_throughout("c", "i", 10.0, s(31), s(33)));
+        assert!(!h.bad_throughout("c", "i", 100.0, s(31), s(33)));
+        // Healed at 20 s, 4 ms again.
+        assert!(!h.bad_throughout("c", "i", 10.0, s(21), s(23)));
+    }
+
+    #[test]
+    fn percentiles_pick_nearest_rank() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&v, 0.5), Duration::from_millis(50));
+        assert_eq!(percentile(&v, 0.99), Duration::from_millis(99));
+        assert_eq!(percentile(&[], 0.5), Duration::ZERO);
+    }
+}
