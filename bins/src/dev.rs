@@ -13,6 +13,7 @@ use crate::store::RegistryStore;
 use anyhow::{bail, Context, Result};
 use physarum_net_real::driver::die_with_parent;
 use physarum_net_real::keyfile;
+use physarum_net_real::metrics::endpoint_answers;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -42,18 +43,6 @@ fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-async fn metrics_up(addr: SocketAddr) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let attempt = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.ok()?;
-        let mut head = [0u8; 12];
-        s.read_exact(&mut head).await.ok()?;
-        Some(head.starts_with(b"HTTP/1.1 200"))
-    };
-    matches!(tokio::time::timeout(Duration::from_secs(1), attempt).await, Ok(Some(true)))
 }
 
 struct Cluster {
@@ -94,7 +83,7 @@ impl Cluster {
         let deadline = Instant::now() + START_TIMEOUT;
         for d in self.daemons.iter_mut().filter(|d| names.contains(&d.name)) {
             loop {
-                if metrics_up(d.metrics).await {
+                if endpoint_answers(d.metrics, Duration::from_secs(1)).await {
                     break;
                 }
                 if let Ok(Some(status)) = d.child.try_wait() {

@@ -30,7 +30,6 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
@@ -551,18 +550,9 @@ async fn connects(addr: SocketAddr) -> bool {
 /// The application accepts connections, the sidecar's P2P port accepts
 /// connections, and its metrics endpoint answers 200.
 async fn is_ready(service: SocketAddr, p2p: SocketAddr, metrics: SocketAddr) -> bool {
-    connects(service).await && connects(p2p).await && http_ok(metrics).await
-}
-
-async fn http_ok(addr: SocketAddr) -> bool {
-    let attempt = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.ok()?;
-        let mut head = [0u8; 12];
-        s.read_exact(&mut head).await.ok()?;
-        Some(head.starts_with(b"HTTP/1.1 200") || head.starts_with(b"HTTP/1.0 200"))
-    };
-    matches!(tokio::time::timeout(Duration::from_millis(500), attempt).await, Ok(Some(true)))
+    connects(service).await
+        && connects(p2p).await
+        && crate::metrics::endpoint_answers(metrics, Duration::from_millis(500)).await
 }
 
 #[cfg(test)]
