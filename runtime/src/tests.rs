@@ -126,6 +126,21 @@ async fn app(req: Request<Incoming>, gate: std::sync::Arc<tokio::sync::Notify>) 
     resp
 }
 
+/// Instance proxy "B" on `net`: serves `hello` by forwarding to the app at `app`.
+fn serve_hello_as_b(net: &FakeNet, app: SocketAddr) {
+    let (b_tx, b_rx) = mpsc::unbounded_channel();
+    net.peers.borrow_mut().insert("B".into(), b_tx);
+    let (b_handle, mut b_cmds) = NodeHandle::for_test(PeerId("B".into()));
+    tokio::task::spawn_local(async move { while b_cmds.recv().await.is_some() {} });
+    tokio::task::spawn_local(tunnel::serve_tunnels(
+        b_rx,
+        Some("hello".into()),
+        TcpConnector(app),
+        b_handle,
+        Duration::from_secs(5),
+    ));
+}
+
 struct Harness {
     front: SocketAddr,
     net: FakeNet,
@@ -144,17 +159,7 @@ async fn harness() -> Harness {
     let gate = std::sync::Arc::new(tokio::sync::Notify::new());
     let app_addr = start_app(gate.clone()).await;
     let net = FakeNet::default();
-    let (b_tx, b_rx) = mpsc::unbounded_channel();
-    net.peers.borrow_mut().insert("B".into(), b_tx);
-    let (b_handle, mut b_cmds) = NodeHandle::for_test(PeerId("B".into()));
-    tokio::task::spawn_local(async move { while b_cmds.recv().await.is_some() {} });
-    tokio::task::spawn_local(tunnel::serve_tunnels(
-        b_rx,
-        Some("hello".into()),
-        TcpConnector(app_addr),
-        b_handle,
-        Duration::from_secs(5),
-    ));
+    serve_hello_as_b(&net, app_addr);
 
     let (a_handle, mut a_cmds) = NodeHandle::for_test(PeerId("A".into()));
     let route_failures = Rc::new(RefCell::new(Vec::new()));
@@ -366,17 +371,7 @@ fn an_unreachable_application_is_a_502_from_the_instance() {
         let dead = l.local_addr().unwrap();
         drop(l);
         let net = FakeNet::default();
-        let (b_tx, b_rx) = mpsc::unbounded_channel();
-        net.peers.borrow_mut().insert("B".into(), b_tx);
-        let (b_handle, mut b_cmds) = NodeHandle::for_test(PeerId("B".into()));
-        tokio::task::spawn_local(async move { while b_cmds.recv().await.is_some() {} });
-        tokio::task::spawn_local(tunnel::serve_tunnels(
-            b_rx,
-            Some("hello".into()),
-            TcpConnector(dead),
-            b_handle,
-            Duration::from_secs(5),
-        ));
+        serve_hello_as_b(&net, dead);
         let pool = Rc::new(TunnelPool::new(net.clone(), &RuntimeConfig::default()));
         let req = Request::get("/x").body(empty_incoming().await).unwrap();
         let resp = pool.send(&PeerAddr::new("B", vec![]), "hello", req).await.unwrap();
