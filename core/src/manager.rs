@@ -67,6 +67,9 @@ type Measured = (PeerAddr, Duration);
 
 #[derive(Clone, Debug)]
 enum Phase {
+    /// Between two steps: the phase has been taken out to be advanced, and the next
+    /// one is put in before the call returns.
+    Deciding,
     FindingInstances {
         token: u64,
     },
@@ -313,7 +316,7 @@ impl Manager {
             started: now,
             fallback: None,
             allocated: false,
-            phase: Phase::RefindWait { until: now, tries: 0 }, // replaced right below
+            phase: Phase::Deciding, // `find_instances` sets the first step
         };
         self.discoveries.insert(name.clone(), d);
         self.find_instances(&name);
@@ -365,9 +368,8 @@ impl Manager {
             return;
         }
         let Some(name) = self.ops.remove(&token) else { return };
-        let Some(mut d) = self.discoveries.remove(&name) else { return };
-        let phase = std::mem::replace(&mut d.phase, Phase::RefindWait { until: now, tries: 0 });
-        self.discoveries.insert(name.clone(), d);
+        let Some(d) = self.discoveries.get_mut(&name) else { return };
+        let phase = std::mem::replace(&mut d.phase, Phase::Deciding);
         self.advance(now, &name, phase, Some((token, result)));
     }
 
@@ -406,7 +408,8 @@ impl Manager {
             }
             (Phase::Allocating { order, next, token }, Some((t, result))) if t == token => {
                 let Some(allocator) = next.checked_sub(1).and_then(|i| order.get(i)).map(|a| a.0.peer.clone()) else {
-                    return;
+                    // Cannot happen (`next` counts the allocators asked); fail the round rather than stall.
+                    return self.attempt_failed(now, name, "allocator bookkeeping out of range".into());
                 };
                 let service = name.to_string();
                 match result {
@@ -675,7 +678,7 @@ impl Manager {
         let names: Vec<String> = self.discoveries.keys().cloned().collect();
         for name in names {
             let Some(d) = self.discoveries.get_mut(&name) else { continue };
-            let phase = std::mem::replace(&mut d.phase, Phase::RefindWait { until: now, tries: 0 });
+            let phase = std::mem::replace(&mut d.phase, Phase::Deciding);
             self.advance(now, &name, phase, None);
         }
         // Service mode: keep our advertisement fresh.
