@@ -102,14 +102,7 @@ impl<T: Transport> TunnelPool<T> {
                 Ok(TunnelAck::Rejected { reason }) => return Err(format!("tunnel rejected: {reason}")),
                 Err(e) => return Err(format!("tunnel ack: {e}")),
             }
-            let (sender, conn) =
-                client1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("tunnel handshake: {e}"))?;
-            tokio::task::spawn_local(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!("tunnel connection ended: {e}");
-                }
-            });
-            Ok(sender)
+            http1_client(stream, "tunnel").await.map_err(|e| format!("tunnel handshake: {e}"))
         };
         match tokio::time::timeout(self.open_timeout, fut).await {
             Ok(r) => r,
@@ -250,14 +243,7 @@ impl<C: Connector> AppLink<C> {
             }
         }
         let io = self.app.connect().await.map_err(|e| format!("cannot reach the service: {e}"))?;
-        let (sender, conn) =
-            client1::handshake(TokioIo::new(io)).await.map_err(|e| format!("cannot reach the service: {e}"))?;
-        tokio::task::spawn_local(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!("application connection ended: {e}");
-            }
-        });
-        Ok(sender)
+        http1_client(io, "application").await.map_err(|e| format!("cannot reach the service: {e}"))
     }
 
     async fn forward(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
@@ -294,4 +280,16 @@ impl<C: Connector> AppLink<C> {
             Err(e) => text_response(502, format!("the service failed: {e}")),
         }
     }
+}
+
+/// An HTTP/1.1 client on `io`, its connection driven by a local task until it ends;
+/// `what` names the connection in the log line that marks its end.
+async fn http1_client<S: ByteStream>(io: S, what: &'static str) -> hyper::Result<SendRequest<Incoming>> {
+    let (sender, conn) = client1::handshake(TokioIo::new(io)).await?;
+    tokio::task::spawn_local(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("{what} connection ended: {e}");
+        }
+    });
+    Ok(sender)
 }
