@@ -110,6 +110,8 @@ pub struct Metrics {
     pub allocations: Family<ServiceLabels, Counter>,
     pub allocations_refused: Family<ServiceLabels, Counter>,
     pub evictions: Counter,
+    pub retries: Family<ServiceLabels, Counter>,
+    pub retries_refused: Family<ServiceLabels, Counter>,
     pub switches: Counter,
     /// RTT probes by result, and the RTTs measured.
     pub probes: Family<ProbeLabels, Counter>,
@@ -158,6 +160,8 @@ impl Metrics {
             allocations: Family::default(),
             allocations_refused: Family::default(),
             evictions: Counter::default(),
+            retries: Family::default(),
+            retries_refused: Family::default(),
             switches: Counter::default(),
             probes: Family::default(),
             probe_rtt: rtt_histogram(),
@@ -197,6 +201,8 @@ impl Metrics {
         r.register("allocations", "Instances allocators started for this node", m.allocations.clone());
         r.register("allocations_refused", "Start requests allocators refused", m.allocations_refused.clone());
         r.register("evictions", "Peers dropped from the peer cache", m.evictions.clone());
+        r.register("retries", "Requests routed again after a failed try", m.retries.clone());
+        r.register("retries_refused", "Retries the retry budget refused", m.retries_refused.clone());
         r.register("switches", "Soft-violating instances replaced by better ones", m.switches.clone());
         r.register("probes", "RTT probes by result", m.probes.clone());
         r.register_with_unit("probe_rtt", "RTTs measured by probes", Unit::Seconds, m.probe_rtt.clone());
@@ -261,7 +267,13 @@ impl Metrics {
             Event::Evicted { .. } => {
                 self.evictions.inc();
             }
-            Event::SeekBetter { .. } => {}
+            Event::Retried { service } => {
+                self.retries.get_or_create(&svc(service)).inc();
+            }
+            Event::RetryRefused { service } => {
+                self.retries_refused.get_or_create(&svc(service)).inc();
+            }
+            Event::SeekBetter { .. } | Event::AppHealth { .. } => {}
             Event::Switched { .. } => {
                 self.switches.inc();
             }
@@ -512,7 +524,11 @@ mod tests {
         assert_eq!(m.instances_running.get(), 0);
         m.observe_output(&Output::Respond {
             req: ReqId(1),
-            outcome: Outcome::Route { instance: PeerAddr::new("i", vec![]), service: ContentHash("h".into()) },
+            outcome: Outcome::Route {
+                instance: PeerAddr::new("i", vec![]),
+                service: ContentHash("h".into()),
+                try_timeout: Duration::from_secs(10),
+            },
         });
         m.observe_output(&Output::Respond {
             req: ReqId(2),

@@ -173,6 +173,7 @@ async fn harness() -> Harness {
                     let to = |peer: &str| Outcome::Route {
                         instance: PeerAddr::new(peer, vec![]),
                         service: ContentHash(format!("hash-{service}")),
+                        try_timeout: Duration::from_secs(10),
                     };
                     let outcome = match service.as_str() {
                         "hello" if to_dead.replace(false) => to("dead"),
@@ -193,6 +194,7 @@ async fn harness() -> Harness {
         pool: pool.clone(),
         observer: Rc::new(()),
         request_deadline: Duration::from_secs(5),
+        limits: Rc::new(crate::limits::Limits::new(&RuntimeConfig::default())),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let front = listener.local_addr().unwrap();
@@ -373,7 +375,7 @@ fn an_unreachable_application_is_a_502_from_the_instance() {
         let net = FakeNet::default();
         serve_hello_as_b(&net, dead);
         let pool = Rc::new(TunnelPool::new(net.clone(), &RuntimeConfig::default()));
-        let req = Request::get("/x").body(empty_incoming().await).unwrap();
+        let req = Request::get("/x").body(empty_incoming().await.into()).unwrap();
         let resp = pool.send(&PeerAddr::new("B", vec![]), "hello", req).await.unwrap();
         assert_eq!(resp.status(), 502);
         let body = resp.into_body().collect().await.unwrap().to_bytes();
