@@ -463,6 +463,19 @@ impl Manager {
                 };
                 let service = name.to_string();
                 match result {
+                    // An allocator that hands back an instance we ejected (it reuses its
+                    // running instance) cannot help: ask the next one.
+                    OpResult::Response(Response::Allocated { instance })
+                        if self.ejected.is_ejected(now, &instance.peer) =>
+                    {
+                        let reason = format!("offered instance {}, which failed a request recently", instance.peer);
+                        self.out.push_back(ManagerOutput::Event(Event::AllocationRefused {
+                            service,
+                            allocator,
+                            reason: reason.clone(),
+                        }));
+                        self.ask_next_allocator(now, name, order, next, reason);
+                    }
                     OpResult::Response(Response::Allocated { instance }) => {
                         self.out.push_back(ManagerOutput::Event(Event::Allocated {
                             service,

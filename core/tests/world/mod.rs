@@ -119,6 +119,17 @@ impl World {
         req
     }
 
+    /// Route a request again after a failed try (as the front end does), within `within`.
+    pub fn retry(&mut self, svc: &str, within: Duration) -> ReqId {
+        self.next_req += 1;
+        let req = ReqId(self.next_req);
+        let deadline = self.now + within;
+        self.deadlines.insert(req, deadline);
+        self.asked.insert(req, svc.into());
+        self.input(Input::HttpRetry { req, service: svc.into(), deadline });
+        req
+    }
+
     pub fn input(&mut self, input: Input) {
         self.node.handle_input(self.now, input);
         self.drain();
