@@ -370,8 +370,11 @@ pub struct MetricsObserver(pub Arc<Metrics>);
 
 impl Observer for MetricsObserver {
     fn input(&self, _now: CoreInstant, input: &Input) {
-        if let Input::TunnelServed = input {
-            self.0.tunnel_served();
+        match input {
+            Input::TunnelServed => self.0.tunnel_served(),
+            // Idle time counts from the end of the last request.
+            Input::TunnelDone => *self.0.last_served.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now(),
+            _ => {}
         }
     }
     fn output(&self, _now: CoreInstant, output: &Output) {
@@ -382,6 +385,7 @@ impl Observer for MetricsObserver {
     }
     fn event(&self, _now: CoreInstant, event: &Event) {
         self.0.observe_event(event);
+        crate::event_log::log_event(event);
     }
     fn request_finished(&self, _service: &str, status: u16, took: Duration) {
         self.0.request_completed(status, took);

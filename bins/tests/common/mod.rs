@@ -507,6 +507,11 @@ impl Cluster {
     }
 
     pub fn start_allocator(&mut self) {
+        self.start_allocator_with(&[]);
+    }
+
+    /// Start an allocator with extra flags (`--idle-limit`, `--cull-interval`, …).
+    pub fn start_allocator_with(&mut self, extra: &[&str]) {
         let i = self.allocators.len();
         let name = format!("allocator{i}");
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -514,6 +519,7 @@ impl Cluster {
         self.net_args(&mut cmd, &name);
         cmd.arg("--metrics").arg(metrics.to_string());
         cmd.arg("--instance-dir").arg(self.dir.path().join(format!("{name}-instances")));
+        cmd.args(extra);
         self.allocators.push(Daemon { proc: Proc::spawn(&name, cmd, self.dir.path()), metrics });
         self.wait_daemon_up(&name);
     }
