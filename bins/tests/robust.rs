@@ -153,3 +153,74 @@ fn a_request_longer_than_the_idle_limit_completes() {
     let log = c.allocators[0].proc.log_text();
     assert!(log.contains("culled: idle for"), "{log}");
 }
+
+/// The `instance-*` directories in `dir`.
+fn instance_dirs(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| d.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.retain(|n| n.starts_with("instance-"));
+    v.sort();
+    v
+}
+
+/// An allocator killed outright (SIGKILL) leaves its instance directories (with
+/// their identity keys) behind; restarted, it removes them and no process of theirs
+/// is left; it then serves again.
+#[test]
+fn a_killed_and_restarted_allocator_leaves_no_orphan_process_or_directory() {
+    let mut c = Cluster::bootstrap("restart-alloc", None);
+    c.start_registry();
+    c.start_allocator();
+    c.start_proxy();
+    c.register_hello(SERVICE);
+    let first = get_ok(&c, &format!("/{SERVICE}/pid")).text();
+    let dir = c.instance_dir(0);
+    assert_eq!(instance_dirs(&dir).len(), 1, "one instance directory");
+    let procs = children_of(c.allocators[0].proc.pid());
+    assert_eq!(procs.len(), 2, "the application and its sidecar: {procs:?}");
+    c.allocators[0].proc.signal(libc::SIGKILL);
+    assert!(c.allocators[0].proc.wait_exit(Duration::from_secs(10)).is_some());
+    let gone = poll_until(Duration::from_secs(10), || procs.iter().all(|p| !alive(*p)).then_some(()));
+    assert!(gone.is_some(), "instances outlived their allocator: {procs:?}");
+    assert_eq!(instance_dirs(&dir).len(), 1, "the killed allocator left its instance directory");
+    c.restart_allocator(0, &[]);
+    assert_eq!(instance_dirs(&dir), Vec::<String>::new(), "{}", c.allocators[0].proc.log_text());
+    assert!(c.allocators[0].proc.log_text().contains("Removed 1 instance directories left by an earlier run"));
+    // It serves again, from a new instance.
+    let again = get_ok(&c, &format!("/{SERVICE}/pid")).text();
+    assert_ne!(again, first);
+    assert_eq!(instance_dirs(&dir).len(), 1);
+}
+
+/// The sidecar's metrics port, from the allocator's log line for the instance.
+fn sidecar_metrics(c: &Cluster) -> std::net::SocketAddr {
+    let log = c.allocators[0].proc.log_text();
+    let at = log.find("metrics port ").unwrap_or_else(|| panic!("no metrics port in the log:\n{log}"));
+    let port: String = log[at + "metrics port ".len()..].chars().take_while(|ch| ch.is_ascii_digit()).collect();
+    format!("127.0.0.1:{port}").parse().unwrap()
+}
+
+/// SIGTERM to an allocator lets requests in flight finish before it stops its
+/// instances; then nothing of them is left.
+#[test]
+fn sigterm_drains_requests_in_flight_before_stopping_instances() {
+    let mut c = Cluster::start("drain", 1);
+    c.register_hello(SERVICE);
+    get_ok(&c, &format!("/{SERVICE}/hello"));
+    let procs = children_of(c.allocators[0].proc.pid());
+    let sidecar = sidecar_metrics(&c);
+    let served = || metric_sum(&scrape(sidecar), "physarum_tunnel_served_total");
+    let before = served();
+    let addr = c.proxy_addr;
+    let path = format!("/{SERVICE}/sleep/3000");
+    let slow = std::thread::spawn(move || http(addr, "GET", &path, b"", Duration::from_secs(30)));
+    wait_for("the sidecar to serve the slow request", Duration::from_secs(10), || (served() > before).then_some(()));
+    c.allocators[0].proc.signal(libc::SIGTERM);
+    let r = slow.join().unwrap().expect("the slow request is answered");
+    assert_eq!((r.status, r.text()), (200, "slept 3000\n".to_string()), "{}", c.logs());
+    let status = c.allocators[0].proc.wait_exit(Duration::from_secs(20)).expect("the allocator exits");
+    assert!(status.success(), "{status}");
+    assert!(procs.iter().all(|p| !alive(*p)), "instance processes left: {procs:?}");
+    assert_eq!(instance_dirs(&c.instance_dir(0)), Vec::<String>::new());
+}

@@ -103,8 +103,9 @@ async fn route<T: Transport>(ctx: &FrontCtx<T>, req: Request<Incoming>) -> (Stri
     let replayable = is_idempotent(parts.method.as_str(), marked) && body.is_end_stream();
     let replay = replayable.then(|| Request::from_parts(parts.clone(), ()));
     let req = Request::from_parts(parts, RequestBody::from(body));
+    let busy = ctx.handle.busy();
     let resp = forward_with_retry(ctx, &service, req, replay, deadline).await;
-    (service, resp.map(|b| b.hold(admitted)))
+    (service, resp.map(|b| b.hold(admitted).hold(busy)))
 }
 
 /// Route and send `req`; after a failed try, route it once more (the core decides

@@ -25,6 +25,8 @@ use physarum_core::Node;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
@@ -93,6 +95,8 @@ pub(crate) enum Command {
 pub struct NodeHandle {
     cmd: mpsc::UnboundedSender<Command>,
     local: PeerId,
+    /// Client requests and tunnelled requests in flight (for draining on shutdown).
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl NodeHandle {
@@ -100,7 +104,7 @@ impl NodeHandle {
     #[cfg(test)]
     pub(crate) fn for_test(local: PeerId) -> (NodeHandle, mpsc::UnboundedReceiver<Command>) {
         let (cmd, rx) = mpsc::unbounded_channel();
-        (NodeHandle { cmd, local }, rx)
+        (NodeHandle { cmd, local, in_flight: Arc::default() }, rx)
     }
 
     /// This node's peer id.
@@ -124,7 +128,27 @@ impl NodeHandle {
     /// Service mode: a tunnelled request begins; it ends when the guard is dropped.
     pub fn serving_request(&self) -> ServingRequest {
         self.feed(Input::TunnelServed);
-        ServingRequest(self.clone())
+        ServingRequest { node: self.clone(), _busy: self.busy() }
+    }
+
+    /// A request in flight, until the guard is dropped.
+    pub fn busy(&self) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        Busy(self.in_flight.clone())
+    }
+
+    /// Requests in flight now (client requests in the front end, tunnelled ones served).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Wait until no request is in flight, or `limit` has passed; whether none is.
+    pub async fn drained(&self, limit: Duration) -> bool {
+        let until = tokio::time::Instant::now() + limit;
+        while self.in_flight() > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.in_flight() == 0
     }
 
     /// Route a request again after its try failed (the core checks its retry budget).
@@ -143,11 +167,23 @@ impl NodeHandle {
 
 /// A tunnelled request being served (service mode); dropping it tells the core
 /// the request ended.
-pub struct ServingRequest(NodeHandle);
+pub struct ServingRequest {
+    node: NodeHandle,
+    _busy: Busy,
+}
+
+/// Counts one request in flight while it lives.
+pub struct Busy(Arc<AtomicUsize>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 impl Drop for ServingRequest {
     fn drop(&mut self) {
-        self.0.feed(Input::TunnelDone);
+        self.node.feed(Input::TunnelDone);
     }
 }
 
@@ -227,7 +263,7 @@ impl<T: Transport, D: InstanceDriver, C: Connector> NodeRuntime<T, D, C> {
     pub fn spawn(self) -> Running<T> {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let local = self.transport.local_peer();
-        let handle = NodeHandle { cmd: cmd_tx, local };
+        let handle = NodeHandle { cmd: cmd_tx, local, in_flight: Arc::default() };
         let Inbound { requests, tunnels, events } = self.inbound;
         let serve = self.node_config.serve.clone();
         let pool = Rc::new(TunnelPool::new(self.transport.clone(), &self.config));

@@ -9,12 +9,15 @@ use crate::daemons::Launcher;
 use anyhow::{Context, Result};
 use physarum_core::config::{AllocatorConfig, NodeConfig};
 use physarum_core::types::PeerId;
-use physarum_net_real::driver::{ProcessDriver, ProcessDriverConfig};
+use physarum_net_real::driver::{leftovers, ProcessDriver, ProcessDriverConfig};
 use physarum_net_real::metrics::{Metrics, MetricsObserver};
 use physarum_net_real::NodeOptions;
 use physarum_runtime::RuntimeConfig;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Per-run instance directories (without `--instance-dir`) are named this plus the pid.
+const TEMPORARY_PREFIX: &str = "physarum-allocator-";
 
 /// Run the allocator until SIGINT/SIGTERM; `launcher` says how to start the sidecar proxy.
 pub async fn run(cli: AllocatorCli, launcher: Launcher) -> Result<()> {
@@ -24,7 +27,12 @@ pub async fn run(cli: AllocatorCli, launcher: Launcher) -> Result<()> {
     let (proxy_program, proxy_args) = launcher.tool("proxy")?;
     let (instance_dir, temporary) = match &cli.instance_dir {
         Some(d) => (d.clone(), false),
-        None => (std::env::temp_dir().join(format!("physarum-allocator-{}", std::process::id())), true),
+        None => {
+            for dir in leftovers::reclaim_abandoned(&std::env::temp_dir(), TEMPORARY_PREFIX) {
+                tracing::info!("Removed {}, left by an allocator that is gone", dir.display());
+            }
+            (std::env::temp_dir().join(format!("{TEMPORARY_PREFIX}{}", std::process::id())), true)
+        }
     };
     // Instances run in their own directories: hand them an absolute config path.
     let config_file = match &prepared.conf_source {
@@ -53,6 +61,15 @@ pub async fn run(cli: AllocatorCli, launcher: Launcher) -> Result<()> {
     dcfg.config_file = config_file;
     dcfg.ready_timeout = Duration::from_secs(cli.start_timeout.max(1));
     let driver = ProcessDriver::new(dcfg).map_err(anyhow::Error::msg)?;
+    // Instances of an earlier run that ended without stopping them (SIGKILL, crash).
+    let reclaimed = leftovers::reclaim(&instance_dir).map_err(anyhow::Error::msg)?;
+    if !reclaimed.dirs.is_empty() {
+        tracing::info!(
+            "Removed {} instance directories left by an earlier run (stopped {} of their processes)",
+            reclaimed.dirs.len(),
+            reclaimed.killed.len()
+        );
+    }
 
     let mut node = NodeConfig::new(PeerId(p2p.peer_id().to_string()), prepared.requirements());
     node.allocator = Some(AllocatorConfig {
@@ -77,6 +94,7 @@ pub async fn run(cli: AllocatorCli, launcher: Launcher) -> Result<()> {
         tracing::info!("Stopping {} instances", running.len());
     }
     driver.shutdown().await;
+    leftovers::release(&instance_dir);
     if temporary {
         let _ = std::fs::remove_dir_all(&instance_dir);
     }

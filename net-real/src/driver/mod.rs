@@ -3,6 +3,7 @@
 //! Docker driver plugs in behind the same `physarum_runtime::transport::InstanceDriver`
 //! trait.
 
+pub mod leftovers;
 pub mod process;
 
 pub use process::{ProcessDriver, ProcessDriverConfig};

@@ -54,6 +54,9 @@ pub struct ProcessDriverConfig {
     pub ready_timeout: Duration,
     /// SIGTERM → SIGKILL grace when stopping.
     pub stop_grace: Duration,
+    /// SIGTERM → SIGKILL grace of a sidecar asked to stop: it drains its requests in
+    /// flight first (for up to the proxy's `DRAIN_LIMIT`, 10 s).
+    pub drain_grace: Duration,
     /// Refuse executables whose SHA3-256 differs from the registered hash.
     pub verify_hash: bool,
     /// Keep instance directories (logs) after an instance ends.
@@ -72,6 +75,7 @@ impl ProcessDriverConfig {
             config_file: None,
             ready_timeout: Duration::from_secs(20),
             stop_grace: Duration::from_secs(3),
+            drain_grace: Duration::from_secs(12),
             verify_hash: true,
             keep_dirs: false,
         }
@@ -440,7 +444,15 @@ async fn monitor(mut m: Monitor) {
         r = m.proxy.wait() => Some(format!("the sidecar proxy exited ({})", describe(r))),
         _ = m.stop.wait_for(|stop| *stop) => None,
     };
-    tokio::join!(terminate(&mut m.app, grace), terminate(&mut m.proxy, grace));
+    match exited {
+        Some(_) => drop(tokio::join!(terminate(&mut m.app, grace), terminate(&mut m.proxy, grace))),
+        // Asked to stop: the sidecar drains its requests in flight, then the application goes.
+        None => {
+            let drain = m.shared.upgrade().map(|s| s.config.drain_grace).unwrap_or(grace);
+            terminate(&mut m.proxy, drain).await;
+            terminate(&mut m.app, grace).await;
+        }
+    }
     lock(&m.pids).clear();
     match exited {
         Some(reason) => {
