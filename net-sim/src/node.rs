@@ -15,7 +15,7 @@ use physarum_core::types::{ContentHash, InstanceId, PeerAddr, PeerId, RunSpec, S
 use physarum_runtime::transport::{inbound_channel, ExitSink, InstanceDriver, Observer};
 use physarum_runtime::{NodeRuntime, Running, RuntimeConfig};
 use sha2::{Digest, Sha256};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
@@ -76,6 +76,8 @@ pub struct Ctx {
     pub boot_delays: RefCell<BTreeMap<String, Duration>>,
     /// Every instance ever started: peer id → host.
     pub instance_hosts: RefCell<BTreeMap<String, String>>,
+    /// The applications running now: instance (or service node) → (host, hung?).
+    apps: RefCell<BTreeMap<String, (String, Rc<Cell<bool>>)>>,
     pub runtime: RuntimeConfig,
 }
 
@@ -106,12 +108,30 @@ impl Ctx {
             incarnations: RefCell::new(BTreeMap::new()),
             boot_delays: RefCell::new(boot_delays),
             instance_hosts: RefCell::new(BTreeMap::new()),
+            apps: RefCell::new(BTreeMap::new()),
             runtime: RuntimeConfig {
                 request_deadline: Duration::from_millis(scenario.tuning.request_deadline_ms),
                 ..RuntimeConfig::default()
             },
             scenario,
         })
+    }
+
+    /// `HangApps`: every application now running on `host` stops answering.
+    pub fn hang_apps(&self, host: &str) {
+        for (instance, (on, hung)) in self.apps.borrow().iter() {
+            if on == host {
+                hung.set(true);
+                self.trace.here(host, Kind::Driver(format!("hang {instance}")));
+            }
+        }
+    }
+
+    /// Register an application that starts now; it answers until `hang_apps`.
+    fn app_started(&self, instance: &str, host: &str) -> Rc<Cell<bool>> {
+        let hung = Rc::new(Cell::new(false));
+        self.apps.borrow_mut().insert(instance.to_string(), (host.to_string(), hung.clone()));
+        hung
     }
 
     fn next_incarnation(&self, host: &str) -> u32 {
@@ -183,10 +203,12 @@ struct NodeParts {
 async fn start_node<D: InstanceDriver>(
     ctx: &Rc<Ctx>,
     config: NodeConfig,
-    ep: EndpointConfig,
+    mut ep: EndpointConfig,
     driver: D,
     app_port: Option<u16>,
 ) -> std::io::Result<NodeParts> {
+    // A sidecar's probe answer says whether its application answers (the core decides).
+    ep.pings_to_node = app_port.is_some();
     let (senders, inbound) = inbound_channel();
     let peer = ep.peer.clone();
     let (transport, endpoint) = SimTransport::start(ep, senders, ctx.trace.clone()).await?;
@@ -241,7 +263,8 @@ pub async fn host_main(ctx: Rc<Ctx>, name: String) -> turmoil::Result {
         }
         Role::Service { service } => {
             config.serve = Some(service.clone());
-            extra.0.push(tokio::task::spawn_local(run_app(APP_PORT, name.clone())));
+            let hung = ctx.app_started(&name, &name);
+            extra.0.push(tokio::task::spawn_local(run_app(APP_PORT, name.clone(), hung)));
             start_node(&ctx, config, ep, physarum_runtime::NoDriver, Some(APP_PORT)).await?
         }
         Role::Client => {
@@ -262,8 +285,8 @@ pub async fn host_main(ctx: Rc<Ctx>, name: String) -> turmoil::Result {
     Ok(())
 }
 
-async fn run_app(port: u16, instance: String) {
-    if let Err(e) = app::serve_app(port, instance).await {
+async fn run_app(port: u16, instance: String, hung: Rc<Cell<bool>>) {
+    if let Err(e) = app::serve_app(port, instance, hung).await {
         tracing::warn!("application stopped: {e}");
     }
 }
@@ -369,7 +392,8 @@ impl InstanceDriver for SimDriver {
         config.serve = Some(service.name.clone());
         let ep = self.ctx.endpoint(&peer_id, &self.host, port);
         let addr = ep.addr();
-        let app = AbortOnDrop(vec![tokio::task::spawn_local(run_app(app_port, peer.clone()))]);
+        let hung = self.ctx.app_started(&peer, &self.host);
+        let app = AbortOnDrop(vec![tokio::task::spawn_local(run_app(app_port, peer.clone(), hung))]);
         let mut parts = match start_node(&self.ctx, config, ep, physarum_runtime::NoDriver, Some(app_port)).await {
             Ok(p) => p,
             Err(e) => {
@@ -396,6 +420,7 @@ impl InstanceDriver for SimDriver {
         let removed = self.instances.borrow_mut().remove(&instance);
         if removed.is_some() {
             self.ctx.trace.here(&self.host, Kind::Driver(format!("stop {}", self.peer_of(instance))));
+            self.ctx.apps.borrow_mut().remove(&self.peer_of(instance));
         }
         drop(removed);
     }

@@ -535,3 +535,37 @@ fn message_loss_requests_are_answered_and_succeed_again_after_it() {
         all_ok_from(r, secs(30));
     });
 }
+
+#[test]
+fn a_hung_application_behind_a_live_sidecar_is_failed_over() {
+    // The instance's application stops answering at 15 s (SIGSTOP) while its sidecar
+    // lives on and keeps answering for it: the try times out, the request is retried
+    // elsewhere, the sidecar's probe answers say the application is down, and the
+    // allocator culls the instance.
+    let s = base("hung-app", 40_000)
+        .allocator("alloc1")
+        .allocator("alloc2")
+        .client("client1")
+        .link("client1", "alloc1", 2.0)
+        .link("client1", "alloc2", 6.0)
+        .requests("client1", "hello", 2000, 35_000, 2.0)
+        .at(15_000, Fault::HangApps { node: "alloc1".into() })
+        .invariants(strict())
+        .build()
+        .unwrap();
+    run_seeds("a_hung_application_behind_a_live_sidecar_is_failed_over", &s, 1, |r| {
+        let before: Vec<_> = r.served_by().into_iter().filter(|(t, _)| *t < secs(15)).collect();
+        assert!(!before.is_empty() && before.iter().all(|(_, by)| host_of(by) == "alloc1"), "{before:?}");
+        let hung = before[0].1.clone();
+        let evicted = events_on(r, "client1", |e| matches!(e, Event::Evicted { peer, .. } if peer.0 == hung));
+        assert!(!evicted.is_empty(), "the hung instance is evicted");
+        assert!(evicted[0].0 <= secs(20), "evicted only at {:?}", evicted[0].0);
+        let after: Vec<_> = r.served_by().into_iter().filter(|(t, _)| *t >= secs(15)).collect();
+        assert!(!after.is_empty() && after.iter().all(|(_, by)| *by != hung), "{after:?}");
+        // Every request succeeds: the one caught by the hang is retried within its deadline.
+        all_ok_from(r, Duration::ZERO);
+        assert!(!events_on(r, "client1", |e| matches!(e, Event::Retried { .. })).is_empty());
+        let health = events_on(r, &hung, |e| matches!(e, Event::AppHealth { answering: false, .. }));
+        assert!(!health.is_empty(), "the sidecar notices its application does not answer");
+    });
+}
