@@ -31,10 +31,11 @@ pub async fn serve_app(port: u16, instance: String, hung: Rc<Cell<bool>>) -> io:
         tokio::task::spawn_local(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
                 let instance = instance.clone();
-                let hung = hung.get();
+                let hung = hung.clone();
                 async move {
-                    if hung {
-                        std::future::pending::<()>().await;
+                    // Held while hung, as a stopped process holds what it has read.
+                    while hung.get() {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                     let body = format!("hello from {instance}: {}\n", req.uri());
                     let resp = Response::builder()

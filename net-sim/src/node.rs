@@ -117,12 +117,14 @@ impl Ctx {
         })
     }
 
-    /// `HangApps`: every application now running on `host` stops answering.
-    pub fn hang_apps(&self, host: &str) {
-        for (instance, (on, hung)) in self.apps.borrow().iter() {
-            if on == host {
-                hung.set(true);
-                self.trace.here(host, Kind::Driver(format!("hang {instance}")));
+    /// `HangApps` / `ResumeApps`: every application now running on `host` stops
+    /// (or resumes) answering.
+    pub fn set_apps_hung(&self, host: &str, hung: bool) {
+        for (instance, (on, flag)) in self.apps.borrow().iter() {
+            if on == host && flag.get() != hung {
+                flag.set(hung);
+                let what = if hung { "hang" } else { "resume" };
+                self.trace.here(host, Kind::Driver(format!("{what} {instance}")));
             }
         }
     }

@@ -203,6 +203,8 @@ pub enum Fault {
     /// allocator's instances') stop answering while their sidecars live on (a
     /// SIGSTOPped process: connections are accepted, no request is answered).
     HangApps { node: String },
+    /// They answer again (SIGCONT): requests held meanwhile are answered too.
+    ResumeApps { node: String },
 }
 
 impl Fault {
@@ -222,6 +224,7 @@ impl Fault {
             Fault::Loss { a, b, rate } => format!("loss {a}<->{b} rate={rate}"),
             Fault::SlowStart { node, boot_delay_ms } => format!("slow-start {node} boot={boot_delay_ms}ms"),
             Fault::HangApps { node } => format!("hang-apps {node}"),
+            Fault::ResumeApps { node } => format!("resume-apps {node}"),
         }
     }
 
@@ -499,7 +502,7 @@ impl Scenario {
                         return err("loss rate must be within 0..=1".into());
                     }
                 }
-                Fault::HangApps { node } => check(node)?,
+                Fault::HangApps { node } | Fault::ResumeApps { node } => check(node)?,
                 Fault::SlowStart { node, .. } => {
                     check(node)?;
                     if !matches!(self.node(node).map(|n| &n.role), Some(Role::Allocator(_))) {
