@@ -64,6 +64,12 @@ impl RequestRecord {
     }
 }
 
+/// An application started by the simulation: its host, and whether it is hung.
+struct RunningApp {
+    host: String,
+    hung: Rc<Cell<bool>>,
+}
+
 /// Everything the hosts of one run share (all on turmoil's one thread).
 pub struct Ctx {
     pub scenario: Scenario,
@@ -76,8 +82,8 @@ pub struct Ctx {
     pub boot_delays: RefCell<BTreeMap<String, Duration>>,
     /// Every instance ever started: peer id → host.
     pub instance_hosts: RefCell<BTreeMap<String, String>>,
-    /// The applications running now: instance (or service node) → (host, hung?).
-    apps: RefCell<BTreeMap<String, (String, Rc<Cell<bool>>)>>,
+    /// The applications running now: instance (or service node) → where and whether hung.
+    apps: RefCell<BTreeMap<String, RunningApp>>,
     pub runtime: RuntimeConfig,
 }
 
@@ -120,9 +126,9 @@ impl Ctx {
     /// `HangApps` / `ResumeApps`: every application now running on `host` stops
     /// (or resumes) answering.
     pub fn set_apps_hung(&self, host: &str, hung: bool) {
-        for (instance, (on, flag)) in self.apps.borrow().iter() {
-            if on == host && flag.get() != hung {
-                flag.set(hung);
+        for (instance, app) in self.apps.borrow().iter() {
+            if app.host == host && app.hung.get() != hung {
+                app.hung.set(hung);
                 let what = if hung { "hang" } else { "resume" };
                 self.trace.here(host, Kind::Driver(format!("{what} {instance}")));
             }
@@ -132,7 +138,7 @@ impl Ctx {
     /// Register an application that starts now; it answers until `hang_apps`.
     fn app_started(&self, instance: &str, host: &str) -> Rc<Cell<bool>> {
         let hung = Rc::new(Cell::new(false));
-        self.apps.borrow_mut().insert(instance.to_string(), (host.to_string(), hung.clone()));
+        self.apps.borrow_mut().insert(instance.to_string(), RunningApp { host: host.to_string(), hung: hung.clone() });
         hung
     }
 
