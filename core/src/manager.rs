@@ -249,8 +249,10 @@ impl Manager {
 
     // ---- client requests -------------------------------------------------
 
-    /// A client request for `service`. `resolution` is the registry cache's answer
-    /// when it had one at hand; otherwise the request waits for [`Self::resolved`].
+    /// A client request for `service` (`retry`: a request whose try failed, routed
+    /// again only while the retry budget lasts, else answered 503 at once).
+    /// `resolution` is the registry cache's answer when it had one at hand; otherwise
+    /// the request waits for [`Self::resolved`].
     pub fn http_request(
         &mut self,
         now: Instant,
@@ -258,7 +260,11 @@ impl Manager {
         service: String,
         deadline: Instant,
         resolution: Option<Resolution>,
+        retry: bool,
     ) {
+        if retry {
+            return self.retry(now, req, service, deadline, resolution);
+        }
         if now >= deadline {
             self.out.push_back(ManagerOutput::Respond {
                 req,
@@ -270,16 +276,7 @@ impl Manager {
         self.accept(now, req, service, deadline, resolution);
     }
 
-    /// A request whose try failed asks to be routed again: allowed while the retry
-    /// budget lasts, else answered 503 at once.
-    pub fn http_retry(
-        &mut self,
-        now: Instant,
-        req: ReqId,
-        service: String,
-        deadline: Instant,
-        resolution: Option<Resolution>,
-    ) {
+    fn retry(&mut self, now: Instant, req: ReqId, service: String, deadline: Instant, resolution: Option<Resolution>) {
         if now >= deadline || !self.retry_budget.try_spend(now, &self.config.resilience) {
             self.out.push_back(ManagerOutput::Event(Event::RetryRefused { service: service.clone() }));
             let reason = match now >= deadline {

@@ -108,7 +108,7 @@ impl Node {
             Input::Tick => {}
             Input::HttpRequest { req, service, deadline } => {
                 let resolution = self.registry_cache.lookup(now, &service);
-                self.manager.http_request(now, req, service, deadline, resolution);
+                self.manager.http_request(now, req, service, deadline, resolution, false);
             }
             Input::RouteFailed { service, peer, reason } => self.manager.route_failed(now, &service, &peer, &reason),
             Input::TunnelServed => self.manager.tunnel_served(now),
@@ -116,7 +116,7 @@ impl Node {
             Input::AppChecked { answered } => self.manager.app_checked(answered),
             Input::HttpRetry { req, service, deadline } => {
                 let resolution = self.registry_cache.lookup(now, &service);
-                self.manager.http_retry(now, req, service, deadline, resolution);
+                self.manager.http_request(now, req, service, deadline, resolution, true);
             }
             Input::PeerRequest { id, from, request } => self.peer_request(now, id, from, request),
             Input::OpDone { op, result } => {
