@@ -69,7 +69,7 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             request_deadline: Duration::from_secs(30),
             max_idle_tunnels: 64,
-            tunnel_open_timeout: Duration::from_secs(5),
+            tunnel_open_timeout: Duration::from_secs(2),
             tunnel_hello_timeout: Duration::from_secs(5),
             op_slack: Duration::from_secs(1),
             max_concurrent_requests: 1024,
