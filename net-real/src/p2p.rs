@@ -249,6 +249,9 @@ fn build_swarm(
     Ok(swarm)
 }
 
+/// Peers the address book keeps before it forgets those it is not connected to.
+const MAX_BOOK_PEERS: usize = 4096;
+
 /// Streams one connection may carry at once. Past it yamux ends the whole connection,
 /// so the runtime keeps its tunnel streams per peer well below this
 /// (`RuntimeConfig::max_streams_per_instance` + `max_idle_tunnels` = 320 by default).
@@ -644,6 +647,11 @@ impl SwarmTask {
     }
 
     fn remember(&mut self, peer: PeerId, addrs: &[Multiaddr]) {
+        if self.book.len() >= MAX_BOOK_PEERS && !self.book.contains_key(&peer) {
+            // Peers we are not connected to go first; Kademlia keeps its own routing table.
+            let swarm = &self.swarm;
+            self.book.retain(|p, _| swarm.is_connected(p));
+        }
         let book = self.book.entry(peer).or_default();
         for a in addrs {
             let a = strip_p2p(a);
