@@ -42,7 +42,7 @@ fn hello_info() -> ServiceInfo {
     ServiceInfo {
         name: "hello".into(),
         hash: ContentHash("hello-hash".into()),
-        run: RunSpec::Exec { program: "hello".into(), args: vec![] },
+        run: RunSpec::Exec { program: "hello".into(), args: vec![], env: vec![] },
         requirements: Requirements::default(),
         cpu_millis: 0,
         memory_mb: 0,

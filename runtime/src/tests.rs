@@ -421,7 +421,7 @@ fn the_node_loop_runs_the_core_answers_peers_and_executes_outputs() {
         let info = ServiceInfo {
             name: "hello".into(),
             hash: ContentHash("h1".into()),
-            run: RunSpec::Exec { program: "hello".into(), args: vec![] },
+            run: RunSpec::Exec { program: "hello".into(), args: vec![], env: vec![] },
             requirements: Requirements::default(),
             cpu_millis: 0,
             memory_mb: 0,
@@ -510,7 +510,7 @@ fn routing_to_a_cached_peer_does_not_wait_behind_a_probe() {
         *net.info.borrow_mut() = Some(ServiceInfo {
             name: "hello".into(),
             hash: ContentHash("h1".into()),
-            run: RunSpec::Exec { program: "hello".into(), args: vec![] },
+            run: RunSpec::Exec { program: "hello".into(), args: vec![], env: vec![] },
             requirements: Requirements::default(),
             cpu_millis: 0,
             memory_mb: 0,
