@@ -334,9 +334,7 @@ impl Allocator {
                     let peer = peer.clone();
                     self.reply(id, Response::Allocated { instance: peer });
                 }
-                InstanceState::Starting { waiters, .. } | InstanceState::Certifying { waiters, .. } => {
-                    waiters.push(id)
-                }
+                InstanceState::Starting { waiters, .. } | InstanceState::Certifying { waiters, .. } => waiters.push(id),
             }
             return;
         }
@@ -1005,8 +1003,11 @@ mod tests {
 
     #[test]
     fn zero_cull_interval_does_not_spin() {
-        let mut a =
-            Allocator::new(AllocatorConfig { cull_interval: Duration::ZERO, ..AllocatorConfig::default() }, trust(), at(0));
+        let mut a = Allocator::new(
+            AllocatorConfig { cull_interval: Duration::ZERO, ..AllocatorConfig::default() },
+            trust(),
+            at(0),
+        );
         let first = a.poll_timeout().expect("a cull deadline");
         assert!(first > at(0));
         a.handle_timeout(first);

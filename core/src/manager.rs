@@ -456,7 +456,10 @@ impl Manager {
                     OpResult::Response(Response::Allocated { instance })
                         if hash.as_ref().is_some_and(|h| self.is_untrusted(now, h, &instance.peer)) =>
                     {
-                        OpResult::Failed(format!("it handed back instance {}, which failed the trust check", instance.peer))
+                        OpResult::Failed(format!(
+                            "it handed back instance {}, which failed the trust check",
+                            instance.peer
+                        ))
                     }
                     other => other,
                 };

@@ -301,7 +301,7 @@ impl Node {
     fn registry_answer(&mut self, name: &str, result: OpResult) -> Result<Option<ServiceInfo>, String> {
         let entry: SignedEntry = match result {
             OpResult::Response(Response::Entry { entry: None }) => return Ok(None),
-            OpResult::Response(Response::Entry { entry: Some(entry) }) => entry,
+            OpResult::Response(Response::Entry { entry: Some(entry) }) => *entry,
             OpResult::Failed(e) => return Err(e),
             other => return Err(format!("malformed registry answer: {other:?}")),
         };
@@ -311,7 +311,10 @@ impl Node {
         self.trust.operators.verify_entry(&entry).map_err(|e| format!("entry for '{name}' refused: {e}"))?;
         let seen = self.entry_versions.get(name).copied().unwrap_or(0);
         if entry.version < seen {
-            return Err(format!("entry for '{name}' has version {}, older than version {seen} seen before", entry.version));
+            return Err(format!(
+                "entry for '{name}' has version {}, older than version {seen} seen before",
+                entry.version
+            ));
         }
         if self.entry_versions.contains_key(name) || self.entry_versions.len() < MAX_TRACKED_VERSIONS {
             self.entry_versions.insert(name.to_string(), entry.version);
@@ -386,7 +389,7 @@ impl Node {
                         self.out.push_back(reply(Response::Error { reason }));
                         return;
                     }
-                    self.out.push_back(Output::ServeCredentials { credentials });
+                    self.out.push_back(Output::ServeCredentials { credentials: *credentials });
                 }
                 self.out.push_back(reply(self.manager.idle_query(now)));
             }
@@ -481,7 +484,7 @@ impl Node {
             AllocatorOutput::Stop { instance } => self.out.push_back(Output::StopInstance { instance }),
             AllocatorOutput::QueryIdle { token, peer, credentials, timeout } => {
                 let op = self.start_op(now, Owner::AllocatorIdle(token), timeout, None);
-                let request = Request::IdleQuery { credentials };
+                let request = Request::IdleQuery { credentials: credentials.map(Box::new) };
                 self.out.push_back(Output::SendRequest { op, peer, request, timeout });
             }
             AllocatorOutput::Event(e) => self.out.push_back(Output::Event(e)),

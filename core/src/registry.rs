@@ -55,11 +55,12 @@ impl Registry {
     /// Serve a registry request. Returns the response and whether the store changed.
     pub fn handle(&mut self, request: Request) -> (Response, bool) {
         match request {
-            Request::RegistryGet { name } => {
-                (Response::Entry { entry: self.entries.get(&name).filter(|e| e.info.is_some()).cloned() }, false)
-            }
+            Request::RegistryGet { name } => (
+                Response::Entry { entry: self.entries.get(&name).filter(|e| e.info.is_some()).cloned().map(Box::new) },
+                false,
+            ),
             Request::RegistryList { after } => (self.page(after), false),
-            Request::RegistryPut { entry } => match self.put(entry) {
+            Request::RegistryPut { entry } => match self.put(*entry) {
                 Ok(changed) => (Response::Done, changed),
                 Err(reason) => (Response::Error { reason }, false),
             },
@@ -197,7 +198,7 @@ mod tests {
     }
 
     fn put(r: &mut Registry, entry: SignedEntry) -> (Response, bool) {
-        r.handle(Request::RegistryPut { entry })
+        r.handle(Request::RegistryPut { entry: Box::new(entry) })
     }
 
     fn refused(resp: &Response, needle: &str) -> bool {
@@ -210,7 +211,10 @@ mod tests {
         assert_eq!(put(&mut r, signed("b", 1)), (Response::Done, true));
         assert_eq!(put(&mut r, signed("a", 1)), (Response::Done, true));
         assert_eq!(put(&mut r, signed("a", 1)), (Response::Done, false), "same entry again");
-        assert_eq!(r.handle(Request::RegistryGet { name: "a".into() }).0, Response::Entry { entry: Some(signed("a", 1)) });
+        assert_eq!(
+            r.handle(Request::RegistryGet { name: "a".into() }).0,
+            Response::Entry { entry: Some(Box::new(signed("a", 1))) }
+        );
         assert_eq!(r.handle(Request::RegistryGet { name: "x".into() }).0, Response::Entry { entry: None });
         assert_eq!(
             r.handle(Request::RegistryList { after: None }).0,

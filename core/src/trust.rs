@@ -98,7 +98,10 @@ pub enum TrustError {
     BadSignature(&'static str),
     /// A statement about something else than what it is used for.
     Mismatch(String),
-    Expired { not_after: u64, now: u64 },
+    Expired {
+        not_after: u64,
+        now: u64,
+    },
 }
 
 impl fmt::Display for TrustError {
@@ -279,10 +282,9 @@ impl Operators {
         self.listed(&entry.signer)?;
         verify(&entry.signer, ENTRY_DOMAIN, &entry.body(), &entry.signature, "entry")?;
         match &entry.info {
-            Some(info) if info.name != entry.name => Err(TrustError::Mismatch(format!(
-                "the entry for '{}' describes service '{}'",
-                entry.name, info.name
-            ))),
+            Some(info) if info.name != entry.name => {
+                Err(TrustError::Mismatch(format!("the entry for '{}' describes service '{}'", entry.name, info.name)))
+            }
             _ => Ok(()),
         }
     }
@@ -451,7 +453,10 @@ mod tests {
         assert_eq!(ops.verify_credentials(&creds, &me, &hash, 1000), Ok(()));
         assert_eq!(ops.verify_credentials(&creds, &me, &hash, 1000 + CLOCK_SKEW.as_secs()), Ok(()));
         assert!(matches!(ops.verify_credentials(&creds, &me, &hash, 1061), Err(TrustError::Expired { .. })));
-        assert!(matches!(ops.verify_credentials(&creds, &PeerId("evil".into()), &hash, 0), Err(TrustError::Mismatch(_))));
+        assert!(matches!(
+            ops.verify_credentials(&creds, &PeerId("evil".into()), &hash, 0),
+            Err(TrustError::Mismatch(_))
+        ));
         assert!(matches!(
             ops.verify_credentials(&creds, &me, &ContentHash("other".into()), 0),
             Err(TrustError::Mismatch(_))
@@ -503,5 +508,24 @@ mod tests {
             assert!(program_within(bad, &roots).is_err(), "{bad}");
         }
         assert!(program_within("/opt/svc/hello", &[]).is_err());
+    }
+
+    /// What checking a new tunnel's credentials costs (two signature checks):
+    /// `cargo test --release -p physarum-core --lib trust::tests::measure_chain_verification -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn measure_chain_verification() {
+        let ops = Operators::new(vec![key(1).public()]);
+        let grant = Grant::sign(PeerId("alloc".into()), key(7).public(), &key(1));
+        let creds = Issuer::allocator(key(7), grant).unwrap().issue(PeerId("i".into()), ContentHash("h".into()), 9);
+        let n = 2000;
+        let mut took = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t0 = std::time::Instant::now();
+            assert!(ops.verify_credentials(&creds, &PeerId("i".into()), &ContentHash("h".into()), 0).is_ok());
+            took.push(t0.elapsed());
+        }
+        took.sort();
+        println!("chain verification: p50 {:?}, p99 {:?} ({n} runs)", took[n / 2], took[n * 99 / 100]);
     }
 }

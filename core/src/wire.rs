@@ -36,12 +36,12 @@ pub enum Request {
     },
     /// Store an operator-signed entry; one with `info: None` removes the service.
     RegistryPut {
-        entry: SignedEntry,
+        entry: Box<SignedEntry>,
     },
     /// Allocator → its instance's sidecar, at start and every cull round: here are
     /// your renewed credentials (if any); how long since you last served a request?
     IdleQuery {
-        credentials: Option<Credentials>,
+        credentials: Option<Box<Credentials>>,
     },
     /// An RTT probe, for transports without one of their own.
     Ping {
@@ -63,7 +63,7 @@ pub enum Response {
     /// `RegistryGet`: the signed entry (a removal is a signed entry without info),
     /// or `None` when the registry holds nothing under that name.
     Entry {
-        entry: Option<SignedEntry>,
+        entry: Option<Box<SignedEntry>>,
     },
     /// `RegistryList`: a page of entries; `next` is where the next page starts.
     Entries {
@@ -211,7 +211,11 @@ mod tests {
 
     fn arb_info() -> impl Strategy<Value = ServiceInfo> {
         let run = prop_oneof![
-            (arb_string(), proptest::collection::vec(arb_string(), 0..4), proptest::collection::vec((arb_string(), arb_string()), 0..2))
+            (
+                arb_string(),
+                proptest::collection::vec(arb_string(), 0..4),
+                proptest::collection::vec((arb_string(), arb_string()), 0..2)
+            )
                 .prop_map(|(program, args, env)| RunSpec::Exec { program, args, env }),
             arb_string().prop_map(|image| RunSpec::Image { image }),
         ];
@@ -228,9 +232,9 @@ mod tests {
     }
 
     fn arb_entry() -> impl Strategy<Value = SignedEntry> {
-        (arb_string(), any::<u64>(), proptest::option::of(arb_info()), any::<u8>()).prop_map(|(name, version, info, k)| {
-            SignedEntry::sign(name, version, info, &SecretKey::from_bytes([k; 32]))
-        })
+        (arb_string(), any::<u64>(), proptest::option::of(arb_info()), any::<u8>()).prop_map(
+            |(name, version, info, k)| SignedEntry::sign(name, version, info, &SecretKey::from_bytes([k; 32])),
+        )
     }
 
     fn arb_credentials() -> impl Strategy<Value = Credentials> {
@@ -257,8 +261,9 @@ mod tests {
             arb_string().prop_map(|service| Request::Allocate { service }),
             arb_string().prop_map(|name| Request::RegistryGet { name }),
             proptest::option::of(arb_string()).prop_map(|after| Request::RegistryList { after }),
-            arb_entry().prop_map(|entry| Request::RegistryPut { entry }),
-            proptest::option::of(arb_credentials()).prop_map(|credentials| Request::IdleQuery { credentials }),
+            arb_entry().prop_map(|entry| Request::RegistryPut { entry: Box::new(entry) }),
+            proptest::option::of(arb_credentials().prop_map(Box::new))
+                .prop_map(|credentials| Request::IdleQuery { credentials }),
             any::<u64>().prop_map(|nonce| Request::Ping { nonce }),
         ]
     }
@@ -267,7 +272,7 @@ mod tests {
         prop_oneof![
             arb_peer_addr().prop_map(|instance| Response::Allocated { instance }),
             arb_string().prop_map(|reason| Response::Refused { reason }),
-            proptest::option::of(arb_entry()).prop_map(|entry| Response::Entry { entry }),
+            proptest::option::of(arb_entry().prop_map(Box::new)).prop_map(|entry| Response::Entry { entry }),
             (proptest::collection::vec(arb_entry(), 0..4), proptest::option::of(arb_string()))
                 .prop_map(|(entries, next)| Response::Entries { entries, next }),
             Just(Response::Done),
@@ -490,7 +495,7 @@ mod tests {
             stateful: false,
         };
         let entry = SignedEntry::sign("a".into(), 1, Some(info), &SecretKey::from_bytes([1; 32]));
-        let good = encode(&Request::RegistryPut { entry }).unwrap();
+        let good = encode(&Request::RegistryPut { entry: Box::new(entry) }).unwrap();
         // Re-encode the nanos field (a varint 0, just after the secs varint).
         let secs = postcard::to_allocvec(&u64::MAX).unwrap();
         let at = good.windows(secs.len() + 1).position(|w| w[..secs.len()] == secs[..] && w[secs.len()] == 0).unwrap();

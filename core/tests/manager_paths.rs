@@ -301,7 +301,11 @@ fn an_untrusted_instance_is_evicted_never_probed_again_and_refused_from_allocato
     // An allocator that hands back the untrusted peer is treated as a refusal.
     let mut w = World::new([&svc]);
     w.input(Input::Untrusted { service: svc.hash.clone(), peer: PeerId("rogue".into()), reason: "x".into() });
-    w.add_allocator("bad-alloc", ms(1), AllocatorBehaviour::Start { instance: peer("rogue"), rtt: ms(1), in_dht: false });
+    w.add_allocator(
+        "bad-alloc",
+        ms(1),
+        AllocatorBehaviour::Start { instance: peer("rogue"), rtt: ms(1), in_dht: false },
+    );
     w.add_allocator("alloc", ms(4), AllocatorBehaviour::Start { instance: peer("fresh"), rtt: ms(4), in_dht: false });
     let req = w.request("svc", secs(5));
     w.run_for(secs(3));
@@ -331,5 +335,8 @@ fn a_rogue_registry_is_skipped_and_its_forged_entry_never_used() {
     let (code, reason) = status(&w, req);
     assert_eq!(code, 503);
     assert!(reason.contains("not a configured operator"), "{reason}");
-    assert_eq!(w.count(|o| matches!(o, Output::Probe { .. } | Output::FindProviders { key: DhtKey::Service(_), .. })), 0);
+    assert_eq!(
+        w.count(|o| matches!(o, Output::Probe { .. } | Output::FindProviders { key: DhtKey::Service(_), .. })),
+        0
+    );
 }

@@ -63,12 +63,19 @@ fn a_sidecar_serves_only_credentials_that_certify_itself() {
     let cases = [
         (issuer.issue(PeerId("someone-else".into()), svc.hash.clone(), u64::MAX), false),
         (issuer.issue(PeerId("sidecar".into()), ContentHash("another".into()), u64::MAX), false),
-        (Issuer::operator(SecretKey::from_bytes([9; 32])).issue(PeerId("sidecar".into()), svc.hash.clone(), u64::MAX), false),
+        (
+            Issuer::operator(SecretKey::from_bytes([9; 32])).issue(
+                PeerId("sidecar".into()),
+                svc.hash.clone(),
+                u64::MAX,
+            ),
+            false,
+        ),
         (issuer.issue(PeerId("sidecar".into()), svc.hash.clone(), u64::MAX), true),
     ];
     for (i, (credentials, good)) in cases.into_iter().enumerate() {
         let id = InboundId(10 + i as u64);
-        let request = Request::IdleQuery { credentials: Some(credentials.clone()) };
+        let request = Request::IdleQuery { credentials: Some(Box::new(credentials.clone())) };
         w.input(Input::PeerRequest { id, from: PeerId("alloc".into()), request });
         let outs: Vec<Output> = w.log.iter().map(|(_, o)| o.clone()).collect();
         let served = outs.contains(&Output::ServeCredentials { credentials });
@@ -76,7 +83,9 @@ fn a_sidecar_serves_only_credentials_that_certify_itself() {
             true => assert!(served && matches!(reply_to(&outs, id), Some(Response::Idle { .. })), "case {i}"),
             false => {
                 assert!(!served, "case {i}");
-                assert!(matches!(reply_to(&outs, id), Some(Response::Error { reason }) if reason.contains("credentials refused")));
+                assert!(
+                    matches!(reply_to(&outs, id), Some(Response::Error { reason }) if reason.contains("credentials refused"))
+                );
             }
         }
     }
@@ -115,14 +124,13 @@ fn a_client_node_refuses_roles_it_does_not_have() {
     let mut node = Node::new(config("client"), 1, Instant::ZERO);
     drain(&mut node);
     let from = PeerId("x".into());
-    for (i, request) in
-        [
-            Request::Allocate { service: "svc".into() },
-            Request::RegistryList { after: None },
-            Request::IdleQuery { credentials: None },
-        ]
-        .into_iter()
-        .enumerate()
+    for (i, request) in [
+        Request::Allocate { service: "svc".into() },
+        Request::RegistryList { after: None },
+        Request::IdleQuery { credentials: None },
+    ]
+    .into_iter()
+    .enumerate()
     {
         let id = InboundId(i as u64);
         node.handle_input(Instant::ZERO, Input::PeerRequest { id, from: from.clone(), request });
@@ -147,20 +155,22 @@ fn registry_role_serves_and_persists_every_change() {
     assert!(outs.iter().any(|o| matches!(o, Output::Advertise { key: DhtKey::Registry })));
     let from = PeerId("cli".into());
     let entry = SignedEntry::sign("svc".into(), 1, Some(svc.clone()), &operator());
-    let put = Request::RegistryPut { entry: entry.clone() };
+    let put = Request::RegistryPut { entry: Box::new(entry.clone()) };
     node.handle_input(Instant::ZERO, Input::PeerRequest { id: InboundId(1), from: from.clone(), request: put });
     let outs = drain(&mut node);
     assert_eq!(reply_to(&outs, InboundId(1)), Some(Response::Done));
     assert!(outs.contains(&Output::PersistRegistry { entries: vec![entry.clone()] }));
     let get = Request::RegistryGet { name: "svc".into() };
     node.handle_input(Instant::ZERO, Input::PeerRequest { id: InboundId(2), from: from.clone(), request: get });
-    assert_eq!(reply_to(&drain(&mut node), InboundId(2)), Some(Response::Entry { entry: Some(entry) }));
+    assert_eq!(reply_to(&drain(&mut node), InboundId(2)), Some(Response::Entry { entry: Some(Box::new(entry)) }));
     // A stranger's write is refused and nothing is persisted.
     let forged = SignedEntry::sign("svc".into(), 2, Some(svc), &SecretKey::from_bytes([66; 32]));
-    let put = Request::RegistryPut { entry: forged };
+    let put = Request::RegistryPut { entry: Box::new(forged) };
     node.handle_input(Instant::ZERO, Input::PeerRequest { id: InboundId(3), from, request: put });
     let outs = drain(&mut node);
-    assert!(matches!(reply_to(&outs, InboundId(3)), Some(Response::Error { reason }) if reason.contains("not a configured operator")));
+    assert!(
+        matches!(reply_to(&outs, InboundId(3)), Some(Response::Error { reason }) if reason.contains("not a configured operator"))
+    );
     assert!(!outs.iter().any(|o| matches!(o, Output::PersistRegistry { .. })));
 }
 
@@ -234,7 +244,7 @@ fn allocator_culls_idle_instances_through_idle_queries() {
                     Output::SendRequest { op, request: Request::RegistryGet { .. }, .. } => Some(Input::OpDone {
                         op,
                         result: OpResult::Response(Response::Entry {
-                            entry: Some(SignedEntry::sign("svc".into(), 1, Some(svc.clone()), &operator())),
+                            entry: Some(Box::new(SignedEntry::sign("svc".into(), 1, Some(svc.clone()), &operator()))),
                         }),
                     }),
                     Output::SendRequest { op, request: Request::IdleQuery { .. }, .. } => {

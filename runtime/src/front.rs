@@ -108,7 +108,11 @@ async fn route<T: Transport>(ctx: &FrontCtx<T>, mut req: Request<Incoming>) -> (
             Ok(Ok(resp)) => return (service, resp),
             Ok(Err(SendFailure { reason, unsent: Some(back), untrusted: true })) => {
                 tracing::warn!(%service, peer = %instance.peer, %reason, "instance failed the trust check; not routing to it");
-                ctx.handle.feed(Input::Untrusted { service: hash, peer: instance.peer.clone(), reason: reason.clone() });
+                ctx.handle.feed(Input::Untrusted {
+                    service: hash,
+                    peer: instance.peer.clone(),
+                    reason: reason.clone(),
+                });
                 untrusted_left -= 1;
                 if untrusted_left == 0 {
                     let msg = format!("no trusted instance of {service}: {} {reason}", instance.peer);

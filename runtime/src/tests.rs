@@ -146,13 +146,26 @@ fn new_pool(net: &FakeNet) -> Rc<TunnelPool<FakeNet>> {
 }
 
 /// Instance proxy `peer` on `net`: serves `service` by forwarding to `app`, showing `creds`.
-fn serve_as<C: crate::transport::Connector>(net: &FakeNet, peer: &str, service: &str, app: C, creds: Option<Credentials>) {
+fn serve_as<C: crate::transport::Connector>(
+    net: &FakeNet,
+    peer: &str,
+    service: &str,
+    app: C,
+    creds: Option<Credentials>,
+) {
     let (tx, rx) = mpsc::unbounded_channel();
     net.peers.borrow_mut().insert(peer.into(), tx);
     let (handle, mut cmds) = NodeHandle::for_test(PeerId(peer.into()));
     tokio::task::spawn_local(async move { while cmds.recv().await.is_some() {} });
     let cell = Rc::new(RefCell::new(creds));
-    tokio::task::spawn_local(tunnel::serve_tunnels(rx, Some(service.into()), app, handle, cell, Duration::from_secs(5)));
+    tokio::task::spawn_local(tunnel::serve_tunnels(
+        rx,
+        Some(service.into()),
+        app,
+        handle,
+        cell,
+        Duration::from_secs(5),
+    ));
 }
 
 /// Instance proxy "B" on `net`: serves `hello` by forwarding to the app at `app`.
@@ -436,7 +449,8 @@ fn an_unreachable_application_is_a_502_from_the_instance() {
         serve_hello_as_b(&net, dead);
         let pool = new_pool(&net);
         let req = Request::get("/x").body(empty_incoming().await).unwrap();
-        let resp = pool.send(&PeerAddr::new("B", vec![]), "hello", &ContentHash("hash-hello".into()), req).await.unwrap();
+        let resp =
+            pool.send(&PeerAddr::new("B", vec![]), "hello", &ContentHash("hash-hello".into()), req).await.unwrap();
         assert_eq!(resp.status(), 502);
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert!(String::from_utf8_lossy(&body).contains("cannot reach the service"));
@@ -502,7 +516,7 @@ fn the_node_loop_runs_the_core_answers_peers_and_executes_outputs() {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let request = WireRequest::RegistryGet { name: "hello".into() };
         senders.requests.send(InboundRequest { from: PeerId("B".into()), request, reply }).unwrap();
-        assert_eq!(answer.await.unwrap(), WireResponse::Entry { entry: Some(entry) });
+        assert_eq!(answer.await.unwrap(), WireResponse::Entry { entry: Some(Box::new(entry)) });
         let before = net.advertised.borrow().len();
         senders.events.send(NetEvent::BootstrapConnected).unwrap();
         while net.advertised.borrow().len() == before {
@@ -552,7 +566,7 @@ impl Transport for ScriptedNet {
     async fn send_request(&self, _: PeerAddr, request: WireRequest, _: Duration) -> Result<WireResponse, String> {
         match request {
             WireRequest::RegistryGet { name } => Ok(WireResponse::Entry {
-                entry: self.info.borrow().clone().map(|i| SignedEntry::sign(name, 1, Some(i), &operator())),
+                entry: self.info.borrow().clone().map(|i| Box::new(SignedEntry::sign(name, 1, Some(i), &operator()))),
             }),
             other => Err(format!("unexpected {other:?}")),
         }

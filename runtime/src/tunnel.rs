@@ -89,7 +89,9 @@ impl<T: Transport> TunnelPool<T> {
             TunnelAck::Ok { credentials: None } => {
                 return Err(OpenFailure::Untrusted("the instance shows no credentials".into()))
             }
-            TunnelAck::Rejected { reason } => return Err(OpenFailure::Unreachable(format!("tunnel rejected: {reason}"))),
+            TunnelAck::Rejected { reason } => {
+                return Err(OpenFailure::Unreachable(format!("tunnel rejected: {reason}")))
+            }
         };
         let now = Instant::from_micros(u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX));
         let unix = self.trust.unix_secs(now);
@@ -132,14 +134,20 @@ impl<T: Transport> TunnelPool<T> {
 
     /// Open a fresh stream to `peer` for `service`: open, hello, ack (with the
     /// instance's credentials checked), HTTP/1 handshake.
-    async fn open(&self, peer: &PeerAddr, service: &str, hash: &ContentHash) -> Result<SendRequest<Incoming>, OpenFailure> {
+    async fn open(
+        &self,
+        peer: &PeerAddr,
+        service: &str,
+        hash: &ContentHash,
+    ) -> Result<SendRequest<Incoming>, OpenFailure> {
         let fut = async {
             let unreachable = OpenFailure::Unreachable;
             let mut stream = self.transport.open_tunnel(peer.clone()).await.map_err(unreachable)?;
             write_frame(&mut stream, &TunnelHello { service: service.to_string() })
                 .await
                 .map_err(|e| unreachable(format!("tunnel hello: {e}")))?;
-            let ack = read_frame::<_, TunnelAck>(&mut stream).await.map_err(|e| unreachable(format!("tunnel ack: {e}")))?;
+            let ack =
+                read_frame::<_, TunnelAck>(&mut stream).await.map_err(|e| unreachable(format!("tunnel ack: {e}")))?;
             self.check_ack(ack, &peer.peer, hash)?;
             http1_client(stream, "tunnel").await.map_err(|e| unreachable(format!("tunnel handshake: {e}")))
         };

@@ -44,8 +44,11 @@ fn rogue_instances_and_rogue_registries_are_never_used() {
         }
         assert!(r.figures.ok * 100 >= r.figures.sent * 95, "{}", r.figures_text());
         // The impostor was found, measured, refused before any request byte, and not chosen again.
-        let untrusted: Vec<_> =
-            r.events().into_iter().filter(|(_, _, e)| matches!(e, Event::Untrusted { peer, .. } if peer.0 == "impostor")).collect();
+        let untrusted: Vec<_> = r
+            .events()
+            .into_iter()
+            .filter(|(_, _, e)| matches!(e, Event::Untrusted { peer, .. } if peer.0 == "impostor"))
+            .collect();
         assert!(!untrusted.is_empty(), "the impostor was never even tried: the test proves nothing");
         assert!(untrusted.len() <= 4, "refused at most once per client and per ban expiry: {untrusted:?}");
         // Nothing the rogue registry said was run: the only image started is the real one.

@@ -195,12 +195,16 @@ impl World {
         match (to.0.as_str(), request) {
             (rogue, Request::RegistryGet { name }) if self.rogue_registries.iter().any(|r| r == rogue) => {
                 let mut info = self.registry.get(&name).cloned().unwrap_or_else(|| service(&name, 50, 100));
-                info.run = RunSpec::Exec { program: "/bin/sh".into(), args: vec!["-c".into(), "evil".into()], env: vec![] };
+                info.run =
+                    RunSpec::Exec { program: "/bin/sh".into(), args: vec!["-c".into(), "evil".into()], env: vec![] };
                 let stranger = SecretKey::from_bytes([66; 32]);
-                Response::Entry { entry: Some(SignedEntry::sign(name, u64::MAX, Some(info), &stranger)) }
+                Response::Entry { entry: Some(Box::new(SignedEntry::sign(name, u64::MAX, Some(info), &stranger))) }
             }
             (REGISTRY, Request::RegistryGet { name }) => Response::Entry {
-                entry: self.registry.get(&name).map(|i| SignedEntry::sign(name, 1, Some(i.clone()), &operator())),
+                entry: self
+                    .registry
+                    .get(&name)
+                    .map(|i| Box::new(SignedEntry::sign(name, 1, Some(i.clone()), &operator()))),
             },
             (_, Request::Allocate { service }) => match self.allocators.get(to).cloned() {
                 Some(AllocatorBehaviour::Start { instance, rtt, in_dht }) => {

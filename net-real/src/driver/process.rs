@@ -66,6 +66,9 @@ pub struct ProcessDriverConfig {
     pub exec_roots: Vec<PathBuf>,
     /// The user instances run as (set when the allocator runs as root).
     pub run_as: Option<RunAs>,
+    /// Operators' public keys, passed to each sidecar (`--operator`) so that it can
+    /// check the credentials the allocator gives it.
+    pub operators: Vec<String>,
 }
 
 /// An unprivileged user for instances.
@@ -103,6 +106,7 @@ impl ProcessDriverConfig {
             keep_dirs: false,
             exec_roots: Vec::new(),
             run_as: None,
+            operators: Vec::new(),
         }
     }
 }
@@ -320,6 +324,9 @@ impl ProcessDriver {
             .arg(&p2p_addr);
         for b in &cfg.bootstraps {
             proxy.arg("--bootstrap").arg(b);
+        }
+        for op in &cfg.operators {
+            proxy.arg("--operator").arg(op);
         }
         if let Some(conf) = &cfg.config_file {
             proxy.arg("--configfile").arg(conf);
@@ -811,7 +818,9 @@ s.bind(("127.0.0.1", int(os.environ["SERVICE_PORT"]))); s.listen(); time.sleep(6
 
         // The application got the environment, the sidecar the arguments.
         let env = fs::read_to_string(inst_dir.join("app-env.txt")).unwrap();
-        for var in ["GREETING=hi", "PROXY_IP=127.0.0.1", "PROXY_PORT=", "SERVICE_PORT=", "METRICS_PORT=", "P2P_PSK=secret"] {
+        for var in
+            ["GREETING=hi", "PROXY_IP=127.0.0.1", "PROXY_PORT=", "SERVICE_PORT=", "METRICS_PORT=", "P2P_PSK=secret"]
+        {
             assert!(env.contains(var), "{var} missing in {env}");
         }
         assert!(env.contains("P2P_BOOTSTRAPS=/ip4/127.0.0.1/tcp/4001/p2p/QmBoot /ip4/127.0.0.1/tcp/5/p2p/QmSelf"));
