@@ -17,6 +17,7 @@ pub mod registry;
 pub mod registry_cache;
 pub mod resilience;
 pub mod time;
+pub mod trust;
 pub mod types;
 pub mod wire;
 

@@ -20,6 +20,9 @@ pub fn log_event(event: &Event) {
         Event::Switched { service, from, to } => {
             tracing::info!(%service, peer = %to, %from, "switched to a better instance");
         }
+        Event::Untrusted { service, peer, reason } => {
+            tracing::warn!(%service, %peer, "instance refused, not trusted: {reason}");
+        }
         Event::RetryRefused { service } => {
             tracing::info!(%service, "retry refused: the retry budget is spent");
         }

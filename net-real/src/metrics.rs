@@ -112,6 +112,7 @@ pub struct Metrics {
     pub evictions: Counter,
     pub retries: Family<ServiceLabels, Counter>,
     pub retries_refused: Family<ServiceLabels, Counter>,
+    pub untrusted: Counter,
     pub switches: Counter,
     /// RTT probes by result, and the RTTs measured.
     pub probes: Family<ProbeLabels, Counter>,
@@ -162,6 +163,7 @@ impl Metrics {
             evictions: Counter::default(),
             retries: Family::default(),
             retries_refused: Family::default(),
+            untrusted: Counter::default(),
             switches: Counter::default(),
             probes: Family::default(),
             probe_rtt: rtt_histogram(),
@@ -203,6 +205,11 @@ impl Metrics {
         r.register("evictions", "Peers dropped from the peer cache", m.evictions.clone());
         r.register("retries", "Requests routed again after a failed try", m.retries.clone());
         r.register("retries_refused", "Retries the retry budget refused", m.retries_refused.clone());
+        r.register(
+            "untrusted_instances",
+            "Instances refused because they showed no valid credentials",
+            m.untrusted.clone(),
+        );
         r.register("switches", "Soft-violating instances replaced by better ones", m.switches.clone());
         r.register("probes", "RTT probes by result", m.probes.clone());
         r.register_with_unit("probe_rtt", "RTTs measured by probes", Unit::Seconds, m.probe_rtt.clone());
@@ -272,6 +279,9 @@ impl Metrics {
             }
             Event::RetryRefused { service } => {
                 self.retries_refused.get_or_create(&svc(service)).inc();
+            }
+            Event::Untrusted { .. } => {
+                self.untrusted.inc();
             }
             Event::SeekBetter { .. } | Event::AppHealth { .. } => {}
             Event::Switched { .. } => {

@@ -131,6 +131,7 @@ pub fn event_text(e: &Event) -> String {
         Event::Retried { service } => format!("retried {service}"),
         Event::RetryRefused { service } => format!("retry-refused {service}"),
         Event::AppHealth { service, answering } => format!("app-health {service} answering={answering}"),
+        Event::Untrusted { service, peer, reason } => format!("untrusted {service} {peer} {reason}"),
         Event::SeekBetter { service, peer } => format!("seek-better {service} {peer}"),
         Event::Switched { service, from, to } => format!("switched {service} {from} -> {to}"),
         Event::Probed { peer, rtt } => match rtt {

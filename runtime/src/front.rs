@@ -11,12 +11,15 @@ use hyper::body::{Body as _, Incoming};
 use hyper::http::uri::PathAndQuery;
 use hyper::{Request, Response, Uri};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use physarum_core::io::Outcome;
+use physarum_core::io::{Input, Outcome};
 use physarum_core::resilience::{is_idempotent, IDEMPOTENT_HEADER};
 use physarum_core::types::{ContentHash, PeerAddr};
 use std::convert::Infallible;
 use std::rc::Rc;
 use std::time::Duration;
+
+/// How many instances failing the trust check one request may skip before it fails.
+const MAX_UNTRUSTED_PER_REQUEST: usize = 4;
 
 pub(crate) struct FrontCtx<T: Transport> {
     pub handle: NodeHandle,
@@ -110,7 +113,9 @@ async fn route<T: Transport>(ctx: &FrontCtx<T>, req: Request<Incoming>) -> (Stri
 
 /// Route and send `req`; after a failed try, route it once more (the core decides
 /// whether the retry budget allows) if the request is still in hand (`unsent`) or
-/// can be rebuilt from `replay`.
+/// can be rebuilt from `replay`. An instance that fails the trust check never saw
+/// the request: the core bans it and is asked again, a few times (several rogue
+/// providers may answer), outside the retry budget.
 async fn forward_with_retry<T: Transport>(
     ctx: &FrontCtx<T>,
     service: &str,
@@ -119,6 +124,7 @@ async fn forward_with_retry<T: Transport>(
     deadline: tokio::time::Instant,
 ) -> Response<ProxyBody> {
     let mut failed: Option<(Response<ProxyBody>, String)> = None;
+    let mut untrusted_left = MAX_UNTRUSTED_PER_REQUEST;
     loop {
         let retry = failed.is_some();
         let (instance, hash, try_timeout) = match decide(ctx, service, deadline, retry).await {
@@ -150,15 +156,33 @@ async fn forward_with_retry<T: Transport>(
         // wait for the response head by the try's timeout. The stream is dropped with
         // the future, so it never returns to the pool.
         let try_until = deadline.min(tokio::time::Instant::now() + try_timeout);
-        let (status, reason, unsent) =
-            match tokio::time::timeout_at(try_until, ctx.pool.send(&instance, service, req)).await {
-                Ok(Ok(resp)) => return resp.map(|b| b.hold(stream_place)),
-                Ok(Err(SendFailure { reason, unsent })) => (502, reason, unsent),
-                Err(_) if try_until < deadline => {
-                    (504, format!("no response head within the try timeout ({try_timeout:?})"), None)
+        let (status, reason, unsent) = match tokio::time::timeout_at(
+            try_until,
+            ctx.pool.send(&instance, service, &hash, req),
+        )
+        .await
+        {
+            Ok(Ok(resp)) => return resp.map(|b| b.hold(stream_place)),
+            Ok(Err(SendFailure { reason, unsent: Some(back), untrusted: true })) => {
+                tracing::warn!(%service, peer = %instance.peer, %reason, "instance failed the trust check; not routing to it");
+                ctx.handle.feed(Input::Untrusted {
+                    service: hash,
+                    peer: instance.peer.clone(),
+                    reason: reason.clone(),
+                });
+                untrusted_left -= 1;
+                if untrusted_left == 0 {
+                    return text_response(502, format!("no trusted instance of {service}: {} {reason}", instance.peer));
                 }
-                Err(_) => (504, "no response within the request deadline".to_string(), None),
-            };
+                req = back;
+                continue;
+            }
+            Ok(Err(SendFailure { reason, unsent, .. })) => (502, reason, unsent),
+            Err(_) if try_until < deadline => {
+                (504, format!("no response head within the try timeout ({try_timeout:?})"), None)
+            }
+            Err(_) => (504, "no response within the request deadline".to_string(), None),
+        };
         drop(stream_place);
         ctx.handle.route_failed(hash, instance.peer.clone(), reason.clone());
         let msg = format!("instance {} of {service} failed: {reason}", instance.peer);
