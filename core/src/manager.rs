@@ -25,12 +25,13 @@ use crate::wire::{Request, Response};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
+/// How long a peer that failed the trust check is skipped (it shares the bounded
+/// ejection list with peers that failed a request).
+pub const UNTRUSTED_FOR: Duration = Duration::from_secs(600);
+/// Why a peer that failed the trust check is ejected.
+const FAILED_TRUST: &str = "failed the trust check";
 /// Service infos of cached services kept before those with no cached instance are dropped.
 const KNOWN_KEEP: usize = 256;
-/// How long a peer that failed the trust check for a service is skipped.
-pub const UNTRUSTED_FOR: Duration = Duration::from_secs(600);
-/// Most (service, peer) pairs remembered as untrusted; the ones expiring first make room.
-pub const MAX_UNTRUSTED: usize = 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ManagerOutput {
@@ -190,10 +191,8 @@ pub struct Manager {
     next_token: u64,
     serving: Option<Serving>,
     retry_budget: RetryBudget,
-    /// Peers that failed a request, not picked again for a while.
+    /// Peers that failed a request or the trust check, not picked again for a while.
     ejected: Ejections,
-    /// Instances that failed the trust check, and until when they are skipped.
-    untrusted: BTreeMap<(ContentHash, PeerId), Instant>,
     out: VecDeque<ManagerOutput>,
 }
 
@@ -222,7 +221,6 @@ impl Manager {
             serving: None,
             retry_budget: RetryBudget::default(),
             ejected: Ejections::default(),
-            untrusted: BTreeMap::new(),
             out: VecDeque::new(),
         };
         if let Some(name) = serve {
@@ -363,24 +361,14 @@ impl Manager {
     /// `peer` showed no valid credentials for `service`: evict it and skip it for a while.
     pub fn untrusted(&mut self, now: Instant, service: &ContentHash, peer: &PeerId, reason: &str) {
         self.cache.remove(service, peer, &format!("untrusted: {reason}"));
-        self.untrusted.retain(|_, until| *until > now);
-        if self.untrusted.len() >= MAX_UNTRUSTED {
-            let soonest = self.untrusted.iter().min_by_key(|(_, until)| **until).map(|(k, _)| k.clone());
-            if let Some(k) = soonest {
-                self.untrusted.remove(&k);
-            }
-        }
-        self.untrusted.insert((service.clone(), peer.clone()), now + UNTRUSTED_FOR);
+        let max = self.config.resilience.max_ejected;
+        self.ejected.eject_for(now, peer, UNTRUSTED_FOR, max, FAILED_TRUST);
         self.out.push_back(ManagerOutput::Event(Event::Untrusted {
             service: service.clone(),
             peer: peer.clone(),
             reason: reason.to_string(),
         }));
         self.drain_cache(now);
-    }
-
-    fn is_untrusted(&self, now: Instant, service: &ContentHash, peer: &PeerId) -> bool {
-        self.untrusted.get(&(service.clone(), peer.clone())).is_some_and(|until| *until > now)
     }
 
     // ---- discovery -------------------------------------------------------
@@ -425,12 +413,8 @@ impl Manager {
     fn probe_round(&mut self, now: Instant, name: &str, peers: Vec<PeerAddr>, timeout: Duration) -> ProbeRound {
         let mut round = ProbeRound { deadline: now + timeout, ..ProbeRound::default() };
         let mut seen = std::collections::BTreeSet::new();
-        let hash = self.discoveries.get(name).map(|d| d.info.hash.clone());
         for peer in peers {
             if peer.peer == self.local || self.ejected.is_ejected(now, &peer.peer) || !seen.insert(peer.peer.clone()) {
-                continue;
-            }
-            if hash.as_ref().is_some_and(|h| self.is_untrusted(now, h, &peer.peer)) {
                 continue;
             }
             let token = self.token();
@@ -497,25 +481,14 @@ impl Manager {
                     return self.attempt_failed(now, name, "allocator bookkeeping out of range".into());
                 };
                 let service = name.to_string();
-                let hash = self.discoveries.get(name).map(|d| d.info.hash.clone());
-                let result = match result {
-                    OpResult::Response(Response::Allocated { instance })
-                        if hash.as_ref().is_some_and(|h| self.is_untrusted(now, h, &instance.peer)) =>
-                    {
-                        OpResult::Failed(format!(
-                            "it handed back instance {}, which failed the trust check",
-                            instance.peer
-                        ))
-                    }
-                    other => other,
-                };
                 match result {
                     // An allocator that hands back an instance we ejected (it reuses its
                     // running instance) cannot help: ask the next one.
                     OpResult::Response(Response::Allocated { instance })
                         if self.ejected.is_ejected(now, &instance.peer) =>
                     {
-                        let reason = format!("offered instance {}, which failed a request recently", instance.peer);
+                        let why = self.ejected.why(now, &instance.peer).unwrap_or_default();
+                        let reason = format!("offered instance {}, which {why}", instance.peer);
                         self.out.push_back(ManagerOutput::Event(Event::AllocationRefused {
                             service,
                             allocator,
@@ -760,6 +733,11 @@ impl Manager {
         }
     }
 
+    /// Service mode: the content hash of the served service, once resolved.
+    pub fn served_hash(&self) -> Option<&ContentHash> {
+        self.serving.as_ref()?.info.as_ref().map(|i| &i.hash)
+    }
+
     /// Service mode: a tunnelled request ended.
     pub fn tunnel_done(&mut self, now: Instant) {
         if let Some(s) = self.serving.as_mut() {
@@ -788,11 +766,6 @@ impl Manager {
         (s.failed_checks >= self.config.app_down_after.max(1)).then(|| {
             format!("the application of '{}' does not answer ({} checks failed in a row)", s.name, s.failed_checks)
         })
-    }
-
-    /// Service mode: the content hash of the served service, once resolved.
-    pub fn served_hash(&self) -> Option<&ContentHash> {
-        self.serving.as_ref()?.info.as_ref().map(|i| &i.hash)
     }
 
     /// Answer an allocator's idle query: busy while a request is in flight; an error

@@ -102,30 +102,49 @@ impl RetryBudget {
     }
 }
 
-/// Peers ejected after a failure, each until a time.
+/// Peers ejected after a failure, each until a time and with why.
 #[derive(Clone, Debug, Default)]
 pub struct Ejections {
-    until: BTreeMap<PeerId, Instant>,
+    until: BTreeMap<PeerId, (Instant, &'static str)>,
 }
 
+/// Why a peer that failed a request is ejected.
+pub const FAILED_A_REQUEST: &str = "failed a request recently";
+
 impl Ejections {
+    /// Eject `peer` after a failed request, for the configured time.
     pub fn eject(&mut self, now: Instant, peer: &PeerId, config: &ResilienceConfig) {
+        self.eject_for(now, peer, config.ejection, config.max_ejected, FAILED_A_REQUEST);
+    }
+
+    /// Eject `peer` for `duration` because it `why` (an ejection that ends later is kept);
+    /// at most `max` are remembered.
+    pub fn eject_for(&mut self, now: Instant, peer: &PeerId, duration: Duration, max: usize, why: &'static str) {
         self.prune(now);
-        if self.until.len() >= config.max_ejected.max(1) {
+        let until = now + duration;
+        if self.until.get(peer).is_some_and(|(t, _)| *t > until) {
+            return;
+        }
+        if !self.until.contains_key(peer) && self.until.len() >= max.max(1) {
             // Full of live ejections: forget the one that ends first.
-            if let Some(first) = self.until.iter().min_by_key(|(_, t)| **t).map(|(p, _)| p.clone()) {
+            if let Some(first) = self.until.iter().min_by_key(|(_, (t, _))| *t).map(|(p, _)| p.clone()) {
                 self.until.remove(&first);
             }
         }
-        self.until.insert(peer.clone(), now + config.ejection);
+        self.until.insert(peer.clone(), (until, why));
     }
 
     pub fn is_ejected(&self, now: Instant, peer: &PeerId) -> bool {
-        self.until.get(peer).is_some_and(|t| *t > now)
+        self.why(now, peer).is_some()
+    }
+
+    /// Why `peer` is ejected now, if it is.
+    pub fn why(&self, now: Instant, peer: &PeerId) -> Option<&'static str> {
+        self.until.get(peer).filter(|(t, _)| *t > now).map(|(_, why)| *why)
     }
 
     pub fn prune(&mut self, now: Instant) {
-        self.until.retain(|_, t| *t > now);
+        self.until.retain(|_, (t, _)| *t > now);
     }
 
     pub fn len(&self) -> usize {
@@ -185,6 +204,19 @@ mod tests {
         assert!(e.is_ejected(at(10), &PeerId("p9".into())));
         assert!(!e.is_ejected(at(10), &PeerId("p0".into())));
         assert!(!e.is_ejected(at(10) + config.ejection, &PeerId("p9".into())));
+    }
+
+    #[test]
+    fn a_longer_ejection_is_not_cut_short_and_says_why() {
+        let config = ResilienceConfig::default();
+        let mut e = Ejections::default();
+        let p = PeerId("p".into());
+        e.eject_for(at(0), &p, Duration::from_secs(600), 8, "failed the trust check");
+        e.eject(at(1), &p, &config);
+        assert_eq!(e.why(at(1) + config.ejection, &p), Some("failed the trust check"));
+        assert_eq!(e.why(at(0) + Duration::from_secs(600), &p), None);
+        e.eject(at(0), &PeerId("q".into()), &config);
+        assert_eq!(e.why(at(0), &PeerId("q".into())), Some(FAILED_A_REQUEST));
     }
 
     #[test]
