@@ -199,6 +199,8 @@ pub fn seed() -> u64 {
 
 /// How long requests in flight may take to finish once SIGTERM/SIGINT came.
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+/// After draining, how long written responses get to reach the wire before exit.
+const FLUSH_GRACE: Duration = Duration::from_millis(200);
 
 /// Run the node and its metrics endpoint until SIGINT/SIGTERM (`Ok`) or a failure.
 /// The metrics endpoint opens only once the node runs, so it doubles as a
@@ -261,6 +263,9 @@ pub async fn run<D: InstanceDriver, O: Observer>(
                     if !drained {
                         tracing::warn!("{} requests still in flight after {DRAIN_LIMIT:?}; stopping", handle.in_flight());
                     }
+                    // A request counts as done once its last body frame is handed to
+                    // the connection; give those last bytes a moment to be written.
+                    tokio::time::sleep(FLUSH_GRACE).await;
                     Ok(())
                 }
             }
