@@ -800,16 +800,17 @@ mod tests {
     /// requests; now each is a clear error.
     #[test]
     fn scenarios_asking_for_unbounded_work_are_refused() {
-        let sweep = |at_ms, steps, every_ms| Scheduled {
-            at_ms,
-            fault: Fault::LatencySweep { a: "c".into(), b: "alloc".into(), from_ms: 1.0, to_ms: 2.0, steps, every_ms },
-        };
-        let cases: [(&str, &dyn Fn(&mut Scenario)); 5] = [
-            ("more than 10000 steps", &|s| s.schedule.push(sweep(0, u32::MAX, 1))),
-            ("beyond any time", &|s| s.schedule.push(sweep(u64::MAX, 2, u64::MAX))),
-            ("more than 1000000 requests", &|s| s.workloads[1].burst = u32::MAX),
-            ("beyond any time", &|s| s.workloads[0].start_ms = u64::MAX),
-            ("more than 1000000 requests", &|s| {
+        fn sweep(at_ms: u64, steps: u32, every_ms: u64) -> Scheduled {
+            let (a, b) = ("c".into(), "alloc".into());
+            Scheduled { at_ms, fault: Fault::LatencySweep { a, b, from_ms: 1.0, to_ms: 2.0, steps, every_ms } }
+        }
+        type Change = fn(&mut Scenario);
+        let cases: [(&str, Change); 5] = [
+            ("more than 10000 steps", |s| s.schedule.push(sweep(0, u32::MAX, 1))),
+            ("beyond any time", |s| s.schedule.push(sweep(u64::MAX, 2, u64::MAX))),
+            ("more than 1000000 requests", |s| s.workloads[1].burst = u32::MAX),
+            ("beyond any time", |s| s.workloads[0].start_ms = u64::MAX),
+            ("more than 1000000 requests", |s| {
                 s.workloads[0].rate_per_s = 10_000.0;
                 s.workloads[0].duration_ms = u64::MAX / 2;
             }),
