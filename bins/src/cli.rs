@@ -1,6 +1,7 @@
 //! Command lines of every binary (clap), kept here so they can be tested.
 
 use clap::{Args, Parser, Subcommand};
+use physarum_core::trust::PublicKey;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
@@ -28,6 +29,10 @@ pub struct NetArgs {
     /// Attempts to reach the bootstraps at start-up (2, 4, 8, 16 s apart) before giving up
     #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=30))]
     pub bootstrap_attempts: u32,
+    /// An operator's public key (64 hex digits): who may decide what runs; repeatable,
+    /// added to the config file's "Operators"
+    #[arg(long = "operator", value_name = "PUBKEY", value_parser = parse_public_key)]
+    pub operator: Vec<PublicKey>,
 }
 
 /// The LCA allocator: starts instances of registered services on this machine
@@ -58,6 +63,16 @@ pub struct AllocatorCli {
     /// Give up on an instance not reachable within this many seconds
     #[arg(long, value_name = "SECS", default_value_t = 20)]
     pub start_timeout: u64,
+    /// The operator's grant naming this allocator (`physarum grant --peer PEER_ID`);
+    /// without one its instances would not be trusted, so it is required
+    #[arg(long, value_name = "FILE")]
+    pub grant: PathBuf,
+    /// A directory whose programs services may run; repeatable (none: only images)
+    #[arg(long = "exec-root", value_name = "DIR")]
+    pub exec_root: Vec<PathBuf>,
+    /// The user instances run as when the allocator runs as root
+    #[arg(long, value_name = "USER", default_value = "nobody")]
+    pub run_as: String,
 }
 
 /// The proxy: forwards `METHOD /<service>/<rest>` requests on 127.0.0.1:PORT to an
@@ -90,6 +105,10 @@ pub struct ProxyCli {
     /// Service mode: port of the metrics endpoint (also reports idle time)
     #[arg(value_name = "METRICS_PORT")]
     pub metrics_port: Option<u16>,
+    /// Service mode, started by hand: certify this sidecar with an operator key
+    /// (instances an allocator starts are certified by the allocator)
+    #[arg(long, value_name = "KEYFILE", requires = "service")]
+    pub operator_key: Option<PathBuf>,
 }
 
 /// The registry service: maps service names to what runs them, persisted in DATA_DIR.
@@ -165,6 +184,25 @@ pub enum Command {
     Bootstrap(BootstrapCli),
     /// Run the demo service (as the `hello` binary)
     Hello(HelloCli),
+    /// Make an operator key, or print the public key of one
+    Keygen {
+        /// Write a new operator key to FILE (mode 0600) and print its public key
+        #[arg(long, value_name = "FILE", conflicts_with = "public", required_unless_present = "public")]
+        out: Option<PathBuf>,
+        /// Print the public key of the operator key in FILE
+        #[arg(long, value_name = "FILE")]
+        public: Option<PathBuf>,
+    },
+    /// Grant an allocator the right to start instances (prints the grant, or writes it to --out)
+    Grant {
+        #[arg(long, value_name = "KEYFILE")]
+        operator_key: PathBuf,
+        /// The allocator's peer id (its log prints it at start)
+        #[arg(long, value_name = "PEER_ID")]
+        peer: String,
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug, PartialEq, Eq)]
@@ -177,13 +215,21 @@ pub enum RegistryOp {
         /// Service name (overrides the config's "Name")
         #[arg(long)]
         name: Option<String>,
+        /// The operator key that signs the entry
+        #[arg(long, value_name = "KEYFILE")]
+        operator_key: PathBuf,
     },
     /// Show a service
     Get { name: String },
     /// List all services
     List,
     /// Remove a service
-    Rm { name: String },
+    Rm {
+        name: String,
+        /// The operator key that signs the removal
+        #[arg(long, value_name = "KEYFILE")]
+        operator_key: PathBuf,
+    },
 }
 
 #[derive(Args, Debug, Clone, PartialEq, Eq)]
@@ -213,6 +259,11 @@ pub fn parse_service_address(s: &str) -> Result<SocketAddr, String> {
         return Ok(SocketAddr::new(ip, 8080));
     }
     Err(format!("invalid service address {s:?}: expected an IP address, or IP:PORT"))
+}
+
+/// An operator public key on the command line.
+pub fn parse_public_key(s: &str) -> Result<PublicKey, String> {
+    s.parse()
 }
 
 /// The default P2P listen address.
@@ -249,6 +300,8 @@ mod tests {
             "pw",
             "--key",
             "k",
+            "--grant",
+            "g.json",
         ])
         .unwrap();
         assert_eq!(a.net.configfile, Some(PathBuf::from("c.json")));
@@ -289,14 +342,36 @@ mod tests {
 
     #[test]
     fn physarum_subcommands_parse() {
-        let c = PhysarumCli::try_parse_from(["physarum", "registry", "add", "svc.json", "--name", "x"]).unwrap();
+        let c = PhysarumCli::try_parse_from([
+            "physarum",
+            "registry",
+            "add",
+            "svc.json",
+            "--name",
+            "x",
+            "--operator-key",
+            "op.key",
+        ])
+        .unwrap();
         match c.command {
-            Command::Registry { op, .. } => {
-                assert_eq!(op, RegistryOp::Add { config: "svc.json".into(), name: Some("x".into()) })
-            }
+            Command::Registry { op, .. } => assert_eq!(
+                op,
+                RegistryOp::Add { config: "svc.json".into(), name: Some("x".into()), operator_key: "op.key".into() }
+            ),
             other => panic!("{other:?}"),
         }
-        let c = PhysarumCli::try_parse_from(["physarum", "registry", "--bootstrap", "/b", "rm", "x"]).unwrap();
+        assert!(PhysarumCli::try_parse_from(["physarum", "registry", "add", "svc.json"]).is_err(), "unsigned add");
+        let c = PhysarumCli::try_parse_from([
+            "physarum",
+            "registry",
+            "--bootstrap",
+            "/b",
+            "rm",
+            "x",
+            "--operator-key",
+            "k",
+        ])
+        .unwrap();
         assert!(
             matches!(c.command, Command::Registry { op: RegistryOp::Rm { .. }, ref net, .. } if net.bootstrap == ["/b"])
         );
@@ -311,10 +386,16 @@ mod tests {
         assert!(
             matches!(c.command, Command::RegistryService(RegistryCli { ref data_dir, .. }) if data_dir.as_os_str() == "d")
         );
-        let c = PhysarumCli::try_parse_from(["physarum", "allocator", "--metrics", ":1"]).unwrap();
+        let c = PhysarumCli::try_parse_from(["physarum", "allocator", "--metrics", ":1", "--grant", "g"]).unwrap();
         assert!(matches!(c.command, Command::Allocator(AllocatorCli { ref metrics, .. }) if metrics == ":1"));
         assert!(PhysarumCli::try_parse_from(["physarum", "bootstrap"]).is_ok());
         assert!(PhysarumCli::try_parse_from(["physarum", "hello", "--port", "1"]).is_ok());
+        assert!(PhysarumCli::try_parse_from(["physarum", "allocator"]).is_err(), "an allocator needs a grant");
+        assert!(PhysarumCli::try_parse_from(["physarum", "keygen", "--out", "k"]).is_ok());
+        assert!(PhysarumCli::try_parse_from(["physarum", "keygen"]).is_err());
+        let key = "00".repeat(32);
+        assert!(PhysarumCli::try_parse_from(["physarum", "proxy", "--operator", "abc", "1"]).is_err(), "bad key");
+        let _ = key;
     }
 
     #[test]

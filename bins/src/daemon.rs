@@ -9,8 +9,10 @@ use anyhow::{Context, Result};
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::Multiaddr;
-use physarum_core::config::ConfFile;
+use physarum_core::config::{ConfFile, NodeConfig};
 use physarum_core::perf::Requirements;
+use physarum_core::trust::{Operators, TrustConfig};
+use physarum_core::types::PeerId;
 use physarum_net_real::keyfile::{self, KeyOrigin};
 use physarum_net_real::metrics::{self, Metrics};
 use physarum_net_real::{run_node, NodeOptions, P2p, P2pOptions, TunnelStream};
@@ -29,6 +31,8 @@ pub struct Prepared {
     pub keypair: Keypair,
     pub listen: Multiaddr,
     pub bootstrap_attempts: u32,
+    /// conf.json's "Operators" and every --operator.
+    pub operators: Operators,
 }
 
 /// How a daemon that has no `--key` gets its identity.
@@ -76,7 +80,25 @@ pub fn prepare(net: &NetArgs, key_default: KeyDefault, default_listen: &str) -> 
             tracing::info!("No config file at {}: using the default configuration", conf::DEFAULT_CONFIG)
         }
     }
-    Ok(Prepared { conf, conf_source, bootstraps, psk, keypair, listen, bootstrap_attempts: net.bootstrap_attempts })
+    let mut operators = conf.operator_keys();
+    operators.extend(net.operator.iter().copied());
+    let operators = Operators::new(operators);
+    if operators.is_empty() {
+        tracing::warn!(
+            "No operator keys configured (\"Operators\" in conf.json or --operator): nothing can be verified, \
+             so no service can be registered, resolved or served"
+        );
+    }
+    Ok(Prepared {
+        conf,
+        conf_source,
+        bootstraps,
+        psk,
+        keypair,
+        listen,
+        bootstrap_attempts: net.bootstrap_attempts,
+        operators,
+    })
 }
 
 impl Prepared {
@@ -88,6 +110,20 @@ impl Prepared {
         opts.psk = self.psk.clone();
         opts.backoff.startup_attempts = self.bootstrap_attempts;
         opts
+    }
+
+    /// Trust settings for a node started now: the operators, and the wall clock
+    /// lined up with the node loop's (which starts within moments).
+    pub fn trust(&self) -> TrustConfig {
+        let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        TrustConfig::new(self.operators.clone(), unix)
+    }
+
+    /// A node config for this daemon as `peer`: conf.json's requirements and the trust settings.
+    pub fn node_config(&self, peer: &libp2p::PeerId) -> NodeConfig {
+        let mut node = NodeConfig::new(PeerId(peer.to_string()), self.requirements());
+        node.trust = self.trust();
+        node
     }
 
     /// conf.json's performance requirements.

@@ -6,11 +6,17 @@
 //! else built; the allocators start `physarum proxy` sidecars and the demo service
 //! is `physarum hello`. Ctrl-C or SIGTERM stops them all, allocators stopping their instances
 //! first, and children die with this process however it ends (PR_SET_PDEATHSIG).
+//!
+//! Trust is on as in production: an operator key is made (kept at
+//! `DATA_DIR/operator.key` with `--data-dir`), every daemon trusts it, each
+//! allocator is granted by it and runs programs only from this executable's
+//! directory, and the demo entry is signed with it.
 
 use crate::cli::DevArgs;
 use crate::service_config::{ExecConfig, ServiceConfig};
 use crate::store::RegistryStore;
 use anyhow::{bail, Context, Result};
+use physarum_core::trust::{SecretKey, SignedEntry};
 use physarum_net_real::driver::die_with_parent;
 use physarum_net_real::keyfile;
 use physarum_net_real::metrics::endpoint_answers;
@@ -127,14 +133,18 @@ impl Cluster {
     }
 }
 
-/// Register (or refresh) the bundled `hello-world-server` in the store: this
-/// executable's `hello` subcommand.
-fn seed_registry(data_dir: &Path, physarum: &Path) -> Result<()> {
+/// Register (or refresh) the bundled `hello-world-server` in the store, signed by
+/// `operator`: this executable's `hello` subcommand.
+fn seed_registry(data_dir: &Path, physarum: &Path, operator: &SecretKey) -> Result<()> {
     let store = RegistryStore::open(data_dir)?;
     let mut entries = store.load()?;
     let config = ServiceConfig {
         name: Some(HELLO_SERVICE.into()),
-        exec: Some(ExecConfig { program: physarum.display().to_string(), args: vec!["hello".into()] }),
+        exec: Some(ExecConfig {
+            program: physarum.display().to_string(),
+            args: vec!["hello".into()],
+            env: Default::default(),
+        }),
         image: None,
         network_soft_req: 100,
         network_hard_req: 1000,
@@ -143,8 +153,9 @@ fn seed_registry(data_dir: &Path, physarum: &Path) -> Result<()> {
         stateful: false,
     };
     let info = config.to_service_info(None, Path::new("/"))?;
+    let version = entries.iter().find(|e| e.name == HELLO_SERVICE).map_or(1, |e| e.version + 1);
     entries.retain(|e| e.name != HELLO_SERVICE);
-    entries.push(info);
+    entries.push(SignedEntry::sign(HELLO_SERVICE.into(), version, Some(info), operator));
     store.save(&entries)
 }
 
@@ -167,11 +178,24 @@ pub async fn run(args: DevArgs) -> Result<()> {
         &conf,
         "{\"Perf\": {\"SoftReq\": {\"RTT\": 100}, \"HardReq\": {\"RTT\": 1000}}, \"Bootstraps\": []}\n",
     )?;
-    seed_registry(&data_dir, &exe)?;
+    // The operator key: kept with the data when there is a data dir, so the
+    // registry's entries stay verifiable across runs.
+    let key_path = match &args.data_dir {
+        Some(d) => d.join("operator.key"),
+        None => root.join("operator.key"),
+    };
+    let operator = match key_path.exists() {
+        true => crate::keys::load_operator_key(&key_path)?,
+        false => {
+            crate::keys::keygen(&key_path)?;
+            crate::keys::load_operator_key(&key_path)?
+        }
+    };
+    seed_registry(&data_dir, &exe, &operator)?;
 
     let mut cluster =
         Cluster { logs: root.join("logs"), root: root.clone(), exe, conf: conf.clone(), daemons: Vec::new() };
-    let result = run_cluster(&mut cluster, &args, &data_dir, proxy_addr).await;
+    let result = run_cluster(&mut cluster, &args, &data_dir, proxy_addr, (&key_path, &operator)).await;
     eprintln!("\nStopping the cluster...");
     cluster.stop().await;
     if result.is_ok() || std::env::var_os("PHYSARUM_KEEP_DEV_DIR").is_none() {
@@ -184,10 +208,17 @@ pub async fn run(args: DevArgs) -> Result<()> {
     result
 }
 
-async fn run_cluster(c: &mut Cluster, args: &DevArgs, data_dir: &Path, proxy_addr: SocketAddr) -> Result<()> {
+async fn run_cluster(
+    c: &mut Cluster,
+    args: &DevArgs,
+    data_dir: &Path,
+    proxy_addr: SocketAddr,
+    (operator_path, operator): (&Path, &SecretKey),
+) -> Result<()> {
     let t0 = Instant::now();
     let conf = c.conf.display().to_string();
-    let mut common = vec!["--configfile".to_string(), conf];
+    let operator_public = operator.public().to_string();
+    let mut common = vec!["--configfile".to_string(), conf, "--operator".into(), operator_public.clone()];
     if let Some(psk) = &args.psk {
         common.extend(["--psk".to_string(), psk.clone()]);
     }
@@ -231,15 +262,24 @@ async fn run_cluster(c: &mut Cluster, args: &DevArgs, data_dir: &Path, proxy_add
 
     let mut alloc_names = Vec::new();
     let mut alloc_metrics = Vec::new();
+    let exec_root = c.exe.parent().context("this executable has no directory")?.display().to_string();
     for i in 1..=args.allocators {
         let name = format!("allocator-{i}");
         let m = local(free_port()?);
+        // Its identity is made here so that the operator can grant it before it starts.
+        let key = keyfile::generate_to(&c.root.join(format!("{name}.key")))?;
+        let grant_path = c.root.join(format!("{name}.grant.json"));
+        crate::keys::write_grant(&crate::keys::grant(operator_path, &keyfile::peer_id_string(&key))?, &grant_path)?;
         let mut a = joined(&name, c);
         a.extend([
             "--metrics".into(),
             m.to_string(),
             "--instance-dir".into(),
             c.root.join(format!("{name}-instances")).display().to_string(),
+            "--grant".into(),
+            grant_path.display().to_string(),
+            "--exec-root".into(),
+            exec_root.clone(),
         ]);
         c.spawn(&name, "allocator", &a, m)?;
         alloc_names.push(name);
@@ -265,10 +305,19 @@ async fn run_cluster(c: &mut Cluster, args: &DevArgs, data_dir: &Path, proxy_add
     println!("  proxy        http://{proxy_addr}  (anonymous mode)");
     println!("               metrics http://{proxy_metrics}/metrics");
     println!("  service      {HELLO_SERVICE} -> {} hello", c.exe.display());
+    println!("  operator     {operator_public}");
+    println!("               key {}", operator_path.display());
     println!("  logs         {}", c.logs.display());
     println!();
     println!("Try:");
     println!("  curl {}:{}/{HELLO_SERVICE}/hello", proxy_addr.ip(), proxy_addr.port());
+    println!();
+    println!("Register a service of your own (its program must live in {exec_root}), signed with that key:");
+    println!(
+        "  {} registry --bootstrap {boot_addr} --operator {operator_public} add SERVICE.json --operator-key {}",
+        c.exe.display(),
+        operator_path.display()
+    );
     println!();
     println!("Press Ctrl-C to stop.");
 

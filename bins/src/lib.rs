@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod daemons;
 pub mod dev;
 pub mod hello;
+pub mod keys;
 pub mod logging;
 pub mod registry_client;
 pub mod service_config;

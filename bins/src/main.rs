@@ -43,5 +43,28 @@ fn main() -> ExitCode {
             physarum::logging::init();
             physarum::daemon::block_on("hello", daemons::hello::run(cli))
         }
+        Command::Keygen { out, public } => {
+            physarum::logging::init_with_default("warn");
+            physarum::daemon::block_on("physarum keygen", async move {
+                let key = match (out, public) {
+                    (Some(out), _) => physarum::keys::keygen(&out)?,
+                    (None, Some(path)) => physarum::keys::load_operator_key(&path)?.public(),
+                    (None, None) => anyhow::bail!("pass --out FILE or --public FILE"),
+                };
+                println!("{key}");
+                Ok(())
+            })
+        }
+        Command::Grant { operator_key, peer, out } => {
+            physarum::logging::init_with_default("warn");
+            physarum::daemon::block_on("physarum grant", async move {
+                let grant = physarum::keys::grant(&operator_key, &peer)?;
+                match out {
+                    Some(out) => physarum::keys::write_grant(&grant, &out)?,
+                    None => println!("{}", serde_json::to_string_pretty(&grant)?),
+                }
+                Ok(())
+            })
+        }
     }
 }

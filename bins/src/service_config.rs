@@ -12,7 +12,7 @@
 //! }
 //! ```
 //! - `Name`: the service name (the first path segment of requests); `--name` overrides it.
-//! - `Exec` (`Program`, optional `Args`) or `Image` (a container image reference): what
+//! - `Exec` (`Program`, optional `Args` and `Env`) or `Image` (a container image reference): what
 //!   an allocator runs. A relative `Program` path is taken relative to the config
 //!   file; a bare name is looked up next to the `physarum` executable, then on `PATH`.
 //! - `NetworkSoftReq`, `NetworkHardReq`: RTT limits in milliseconds; missing or 0
@@ -20,14 +20,16 @@
 //! - `CpuReq` in thousandths of a core, `MemoryReq` in MiB (0: no reservation).
 //! - `Stateful`: optional, false by default.
 //!
-//! The content hash is the SHA3-256 of the executable's bytes (of the image
-//! reference for images), so a changed executable is another service version.
+//! The content hash is a SHA3-256 over the whole run spec (program path, arguments,
+//! environment, or the image reference) and the executable's bytes, so a changed
+//! executable, or the same one with other arguments, is another service.
 
 use anyhow::{bail, Context, Result};
 use physarum_core::perf::{PerfLimits, Requirements};
-use physarum_core::types::{ContentHash, RunSpec, ServiceInfo};
-use physarum_net_real::driver::{hash_file, hash_image_ref};
+use physarum_core::types::{content_hash, RunSpec, ServiceInfo};
+use physarum_net_real::driver::hash_file;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -59,6 +61,8 @@ pub struct ExecConfig {
     pub program: String,
     #[serde(rename = "Args", default)]
     pub args: Vec<String>,
+    #[serde(rename = "Env", default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
 }
 
 /// Whether `name` can be a service name: the first segment of a request path.
@@ -108,19 +112,22 @@ impl ServiceConfig {
             .context("the service has no name: set \"Name\" in the config or pass --name")?
             .to_string();
         validate_name(&name)?;
-        let (run, hash) = match (&self.exec, &self.image) {
+        // The hash covers the whole run spec and the program's bytes.
+        let (run, artifact) = match (&self.exec, &self.image) {
             (Some(exec), _) => {
                 let program = resolve_for_registration(&exec.program, base_dir)?;
-                let hash = hash_file(&program).with_context(|| format!("cannot read {}", program.display()))?;
-                (RunSpec::Exec { program: program.display().to_string(), args: exec.args.clone() }, hash)
+                let digest = hash_file(&program).with_context(|| format!("cannot read {}", program.display()))?;
+                let env = exec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                (RunSpec::Exec { program: program.display().to_string(), args: exec.args.clone(), env }, digest)
             }
-            (None, Some(image)) => (RunSpec::Image { image: image.clone() }, hash_image_ref(image)),
+            (None, Some(image)) => (RunSpec::Image { image: image.clone() }, String::new()),
             (None, None) => bail!("invalid service config: say what to run with \"Exec\" or \"Image\""),
         };
+        let hash = content_hash(&run, &artifact);
         let ms = |v: u64| PerfLimits { rtt: (v > 0).then(|| Duration::from_millis(v)) };
         Ok(ServiceInfo {
             name,
-            hash: ContentHash(hash),
+            hash,
             run,
             requirements: Requirements { soft: ms(self.network_soft_req), hard: ms(self.network_hard_req) },
             cpu_millis: self.cpu_req,
@@ -151,8 +158,8 @@ fn resolve_for_registration(program: &str, base_dir: &Path) -> Result<PathBuf> {
 /// A human-readable summary of an entry (for `registry get`/`list`).
 pub fn describe(info: &ServiceInfo) -> String {
     let run = match &info.run {
-        RunSpec::Exec { program, args } if args.is_empty() => format!("exec {program}"),
-        RunSpec::Exec { program, args } => format!("exec {program} {}", args.join(" ")),
+        RunSpec::Exec { program, args, .. } if args.is_empty() => format!("exec {program}"),
+        RunSpec::Exec { program, args, .. } => format!("exec {program} {}", args.join(" ")),
         RunSpec::Image { image } => format!("image {image}"),
     };
     let ms = |l: PerfLimits| l.rtt.map(|d| format!("{} ms", d.as_millis())).unwrap_or_else(|| "default".into());
@@ -181,7 +188,7 @@ mod tests {
         let info = c.to_service_info(None, Path::new(".")).unwrap();
         assert_eq!(info.name, "svc");
         assert_eq!(info.run, RunSpec::Image { image: "reg/svc:1".into() });
-        assert_eq!(info.hash.0, hash_image_ref("reg/svc:1"));
+        assert_eq!(info.hash, content_hash(&info.run, ""));
         assert_eq!(info.requirements, Requirements::rtt(Duration::from_millis(50), Duration::from_millis(200)));
         assert_eq!((info.cpu_millis, info.memory_mb, info.stateful), (500, 64, false));
         // --name overrides, zero limits mean the defaults.
@@ -199,8 +206,19 @@ mod tests {
         let c = ServiceConfig::parse(r#"{"Name": "a", "Exec": {"Program": "bin/app", "Args": ["-v"]}}"#).unwrap();
         let info = c.to_service_info(None, &dir).unwrap();
         let abs = std::fs::canonicalize(dir.join("bin/app")).unwrap();
-        assert_eq!(info.run, RunSpec::Exec { program: abs.display().to_string(), args: vec!["-v".into()] });
-        assert_eq!(info.hash.0, physarum_net_real::driver::hash_bytes(b"#!/bin/sh\necho hi\n"));
+        assert_eq!(
+            info.run,
+            RunSpec::Exec { program: abs.display().to_string(), args: vec!["-v".into()], env: vec![] }
+        );
+        let digest = physarum_net_real::driver::hash_bytes(b"#!/bin/sh\necho hi\n");
+        assert_eq!(info.hash, content_hash(&info.run, &digest));
+        // The same program with other arguments or environment is another service.
+        let other = ServiceConfig::parse(r#"{"Name": "a", "Exec": {"Program": "bin/app", "Args": ["-q"]}}"#).unwrap();
+        assert_ne!(other.to_service_info(None, &dir).unwrap().hash, info.hash);
+        let env = r#"{"Name": "a", "Exec": {"Program": "bin/app", "Args": ["-v"], "Env": {"MODE": "x"}}}"#;
+        let with_env = ServiceConfig::parse(env).unwrap().to_service_info(None, &dir).unwrap();
+        assert_ne!(with_env.hash, info.hash);
+        assert!(matches!(&with_env.run, RunSpec::Exec { env, .. } if env == &[("MODE".to_string(), "x".to_string())]));
         let c = ServiceConfig::parse(r#"{"Name": "a", "Exec": {"Program": "bin/missing"}}"#).unwrap();
         let err = c.to_service_info(None, &dir).unwrap_err().to_string();
         assert!(err.contains("does not exist"), "{err}");

@@ -8,7 +8,7 @@
 //! until everything handed over is on disk.
 
 use anyhow::{bail, Context, Result};
-use physarum_core::types::ServiceInfo;
+use physarum_core::trust::SignedEntry;
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io::Write;
@@ -17,12 +17,13 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 pub const STORE_FILE: &str = "registry.json";
-const STORE_VERSION: u32 = 1;
+/// Version 2: operator-signed entries (version 1 held unsigned service infos).
+const STORE_VERSION: u32 = 2;
 
 #[derive(Serialize, Deserialize)]
 struct StoreFile {
     version: u32,
-    services: Vec<ServiceInfo>,
+    entries: Vec<SignedEntry>,
 }
 
 /// The store in `data_dir`.
@@ -45,28 +46,33 @@ impl RegistryStore {
 
     /// The stored entries; none when the file does not exist yet. A file that
     /// exists but does not parse is an error (never silently emptied).
-    pub fn load(&self) -> Result<Vec<ServiceInfo>> {
+    pub fn load(&self) -> Result<Vec<SignedEntry>> {
         let text = match fs::read_to_string(&self.path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(e).with_context(|| format!("cannot read the registry store {}", self.path.display())),
         };
-        let file: StoreFile = serde_json::from_str(&text).with_context(|| {
-            format!("the registry store {} is corrupt (move it away to start empty)", self.path.display())
-        })?;
-        if file.version != STORE_VERSION {
+        let corrupt = || format!("the registry store {} is corrupt (move it away to start empty)", self.path.display());
+        #[derive(Deserialize)]
+        struct Header {
+            version: u32,
+        }
+        let header: Header = serde_json::from_str(&text).with_context(corrupt)?;
+        if header.version != STORE_VERSION {
             bail!(
-                "the registry store {} has version {}, this registry reads version {STORE_VERSION}",
+                "the registry store {} has version {}, this registry reads version {STORE_VERSION} \
+                 (entries are now operator-signed: register the services again)",
                 self.path.display(),
-                file.version
+                header.version
             );
         }
-        Ok(file.services)
+        let file: StoreFile = serde_json::from_str(&text).with_context(corrupt)?;
+        Ok(file.entries)
     }
 
     /// Replace the stored entries atomically.
-    pub fn save(&self, services: &[ServiceInfo]) -> Result<()> {
-        let text = serde_json::to_vec_pretty(&StoreFile { version: STORE_VERSION, services: services.to_vec() })
+    pub fn save(&self, entries: &[SignedEntry]) -> Result<()> {
+        let text = serde_json::to_vec_pretty(&StoreFile { version: STORE_VERSION, entries: entries.to_vec() })
             .context("cannot encode the registry")?;
         let tmp = self.path.with_extension("json.tmp");
         let write = || -> std::io::Result<()> {
@@ -87,7 +93,7 @@ impl RegistryStore {
 }
 
 enum Job {
-    Save(Vec<ServiceInfo>),
+    Save(Vec<SignedEntry>),
     Flush(mpsc::Sender<()>),
 }
 
@@ -117,7 +123,7 @@ impl StoreWriter {
                     }
                     if let Some(services) = latest {
                         match store.save(&services) {
-                            Ok(()) => tracing::debug!("registry store: saved {} services", services.len()),
+                            Ok(()) => tracing::debug!("registry store: saved {} entries", services.len()),
                             Err(e) => tracing::error!("{e:#}"),
                         }
                     }
@@ -134,9 +140,9 @@ impl StoreWriter {
     }
 
     /// Persist these full contents (asynchronously).
-    pub fn persist(&self, services: Vec<ServiceInfo>) {
+    pub fn persist(&self, entries: Vec<SignedEntry>) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(Job::Save(services));
+            let _ = tx.send(Job::Save(entries));
         }
     }
 
@@ -165,19 +171,21 @@ impl Drop for StoreWriter {
 mod tests {
     use super::*;
     use physarum_core::perf::Requirements;
-    use physarum_core::types::{ContentHash, RunSpec};
+    use physarum_core::trust::SecretKey;
+    use physarum_core::types::{ContentHash, RunSpec, ServiceInfo};
     use std::time::Duration;
 
-    fn info(name: &str) -> ServiceInfo {
-        ServiceInfo {
+    fn info(name: &str) -> SignedEntry {
+        let info = ServiceInfo {
             name: name.into(),
             hash: ContentHash(format!("hash-{name}")),
-            run: RunSpec::Exec { program: "/bin/true".into(), args: vec!["a".into()] },
+            run: RunSpec::Exec { program: "/bin/true".into(), args: vec!["a".into()], env: vec![] },
             requirements: Requirements::rtt(Duration::from_millis(10), Duration::from_millis(100)),
             cpu_millis: 1,
             memory_mb: 2,
             stateful: true,
-        }
+        };
+        SignedEntry::sign(name.into(), 1, Some(info), &SecretKey::from_bytes([1; 32]))
     }
 
     fn tmp(tag: &str) -> PathBuf {
@@ -204,10 +212,10 @@ mod tests {
     fn a_corrupt_store_is_an_error_and_untouched() {
         let dir = tmp("corrupt");
         let store = RegistryStore::open(&dir).unwrap();
-        fs::write(store.path(), "{\"version\": 1, \"services\": [").unwrap();
+        fs::write(store.path(), "{\"version\": 2, \"entries\": [").unwrap();
         let err = format!("{:#}", store.load().unwrap_err());
         assert!(err.contains("is corrupt"), "{err}");
-        fs::write(store.path(), "{\"version\": 9, \"services\": []}").unwrap();
+        fs::write(store.path(), "{\"version\": 9, \"entries\": []}").unwrap();
         assert!(format!("{:#}", store.load().unwrap_err()).contains("version 9"));
         fs::remove_dir_all(&dir).unwrap();
     }

@@ -168,7 +168,8 @@ fn registry_entries_survive_a_restart() {
     let (ok, out, err) = c.registry_cli(&["get", "svc-a"]);
     assert!(ok && out.contains("svc-a"), "after restart: {out}\n{err}\n{}", c.logs());
     // Delete, then it is gone, also after another restart.
-    let (ok, out, err) = c.registry_cli(&["rm", "svc-a"]);
+    let key = c.operator_key.display().to_string();
+    let (ok, out, err) = c.registry_cli(&["rm", "svc-a", "--operator-key", &key]);
     assert!(ok && out.contains("Removed svc-a"), "{out}\n{err}");
     c.registry.as_mut().unwrap().proc.stop(Duration::from_secs(10));
     c.start_registry();
@@ -196,6 +197,7 @@ fn a_node_with_the_wrong_psk_cannot_join() {
     cmd.arg("--configfile").arg(&c.conf).arg("--bootstrap").arg(&c.bootstrap_addr);
     cmd.arg("--psk").arg("a wrong passphrase").arg("--bootstrap-attempts").arg("1");
     cmd.arg("--key").arg(c.dir.path().join("intruder.key")).arg("--metrics").arg(metrics.to_string());
+    cmd.arg("--grant").arg(c.grant("intruder"));
     cmd.arg("--listen").arg("/ip4/127.0.0.1/tcp/0");
     let mut intruder = Proc::spawn("intruder", cmd, c.dir.path());
     let status = intruder.wait_exit(Duration::from_secs(60)).expect("the intruder gives up");
@@ -222,7 +224,7 @@ fn a_broken_config_is_a_clear_error() {
     let conf = dir.path().join("conf.json");
     std::fs::write(&conf, r#"{"Perf": {"SoftReq": {"RTT": 100}, "HardReq": {"RTT": "#).unwrap();
     for (name, extra) in [
-        ("allocator", vec!["--metrics", "127.0.0.1:0"]),
+        ("allocator", vec!["--metrics", "127.0.0.1:0", "--grant", "g.json"]),
         ("proxy", vec!["0"]),
         ("registry", vec!["--metrics", "127.0.0.1:0"]),
         ("bootstrap", vec!["--metrics", "127.0.0.1:0"]),
@@ -246,7 +248,7 @@ fn a_broken_config_is_a_clear_error() {
     assert!(!ok && err.contains("is above"), "{err}");
     // A missing config file named explicitly.
     let mut cmd = command("allocator", dir.path());
-    cmd.arg("--configfile").arg(dir.path().join("nope.json"));
+    cmd.arg("--configfile").arg(dir.path().join("nope.json")).arg("--grant").arg("g.json");
     let (ok, _, err) = run_bounded(cmd, Duration::from_secs(20));
     assert!(!ok && err.contains("cannot read config file") && err.contains("nope.json"), "{err}");
     // A corrupt key file.
@@ -260,7 +262,7 @@ fn a_broken_config_is_a_clear_error() {
     let svc = dir.path().join("svc.json");
     std::fs::write(&svc, r#"{"Name": "x", "NetworkSoftReq": 10}"#).unwrap();
     let mut cmd = command("physarum", dir.path());
-    cmd.args(["registry", "add", svc.to_str().unwrap()]);
+    cmd.args(["registry", "add", svc.to_str().unwrap(), "--operator-key", "operator.key"]);
     let (ok, _, err) = run_bounded(cmd, Duration::from_secs(20));
     assert!(!ok && err.contains("\"Exec\" or \"Image\""), "{err}");
 }

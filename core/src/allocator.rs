@@ -11,7 +11,13 @@
 //!   and retrying requests join the start in flight or get the instance already up,
 //!   and `max_instances` / CPU / memory capacity caps the rest;
 //! - answers with the new instance's [`PeerAddr`], so a client dials it directly
-//!   instead of waiting for the DHT to show it.
+//!   instead of waiting for the DHT to show it;
+//! - runs `Exec` programs only from its configured exec roots, and certifies each
+//!   instance it starts: once the driver reports it up, the instance is sent its
+//!   credentials (a certificate signed under this allocator's grant) in the first
+//!   idle query, and only when it has accepted them is it handed to clients. Every
+//!   cull round's idle query carries renewed credentials. An allocator without a
+//!   grant refuses to start anything, since no client would trust its instances.
 //!
 //! Every [`AllocatorInput::Request`] gets exactly one [`AllocatorOutput::Reply`]:
 //! from the registry's answer, the start's outcome, or a timeout. A registry answer
@@ -23,7 +29,8 @@
 use crate::config::AllocatorConfig;
 use crate::io::Event;
 use crate::time::Instant;
-use crate::types::{InboundId, InstanceId, PeerAddr, PeerId, ServiceInfo};
+use crate::trust::{program_within, Credentials, TrustConfig};
+use crate::types::{InboundId, InstanceId, PeerAddr, PeerId, RunSpec, ServiceInfo};
 use crate::wire::Response;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
@@ -77,10 +84,12 @@ pub enum AllocatorOutput {
     Stop {
         instance: InstanceId,
     },
-    /// Ask the instance's sidecar how long it has been idle; answer with `IdleAnswer`.
+    /// Give the instance's sidecar its (renewed) credentials and ask how long it has
+    /// been idle; answer with `IdleAnswer`.
     QueryIdle {
         token: u64,
         peer: PeerAddr,
+        credentials: Option<Credentials>,
         timeout: Duration,
     },
     Event(Event),
@@ -111,6 +120,11 @@ enum InstanceState {
         waiters: Vec<InboundId>,
         deadline: Instant,
     },
+    /// Up, and sent its credentials; handed to clients once it accepts them.
+    Certifying {
+        peer: PeerAddr,
+        waiters: Vec<InboundId>,
+    },
     Up {
         peer: PeerAddr,
         /// The outstanding idle query's token, if any.
@@ -132,6 +146,7 @@ impl Instance {
 /// The allocator machine: see the module documentation.
 pub struct Allocator {
     config: AllocatorConfig,
+    trust: TrustConfig,
     next_instance: u64,
     next_token: u64,
     next_cull: Instant,
@@ -146,10 +161,11 @@ pub struct Allocator {
 
 impl Allocator {
     /// An allocator with no instances; its first cull round is `cull_interval` after `now`.
-    pub fn new(config: AllocatorConfig, now: Instant) -> Self {
+    pub fn new(config: AllocatorConfig, trust: TrustConfig, now: Instant) -> Self {
         let next_cull = now + config.cull_interval.max(MIN_CULL_INTERVAL);
         Allocator {
             config,
+            trust,
             next_instance: 1,
             next_token: 1,
             next_cull,
@@ -167,7 +183,7 @@ impl Allocator {
         match input {
             AllocatorInput::Request { id, from: _, service } => self.on_request(now, id, service),
             AllocatorInput::Resolved { service, result } => self.on_resolved(now, service, result),
-            AllocatorInput::InstanceStarted { instance, peer } => self.on_started(instance, peer),
+            AllocatorInput::InstanceStarted { instance, peer } => self.on_started(now, instance, peer),
             AllocatorInput::InstanceFailed { instance, reason } => {
                 self.on_gone(instance, format!("instance failed to start: {reason}"), reason)
             }
@@ -216,9 +232,7 @@ impl Allocator {
         // Idle queries that were not answered in time.
         let timed_out: Vec<u64> = self.queries.iter().filter(|(_, (_, d))| *d <= now).map(|(t, _)| *t).collect();
         for token in timed_out {
-            if let Some((instance, _)) = self.queries.remove(&token) {
-                self.cull(instance, "idle query timed out".to_string());
-            }
+            self.on_idle_answer(token, Err("idle query timed out".to_string()));
         }
 
         // The periodic cull round.
@@ -244,7 +258,7 @@ impl Allocator {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let starts = self.instances.values().filter_map(|i| match i.state {
             InstanceState::Starting { deadline, .. } => Some(deadline),
-            InstanceState::Up { .. } => None,
+            InstanceState::Certifying { .. } | InstanceState::Up { .. } => None,
         });
         let resolves = self.resolving.values().map(|p| p.deadline);
         let queries = self.queries.values().map(|(_, d)| *d);
@@ -257,7 +271,7 @@ impl Allocator {
             instance: *id,
             service: inst.service.name.clone(),
             peer: match &inst.state {
-                InstanceState::Starting { .. } => None,
+                InstanceState::Starting { .. } | InstanceState::Certifying { .. } => None,
                 InstanceState::Up { peer, .. } => Some(peer.clone()),
             },
         })
@@ -320,11 +334,11 @@ impl Allocator {
                     let peer = peer.clone();
                     self.reply(id, Response::Allocated { instance: peer });
                 }
-                InstanceState::Starting { waiters, .. } => waiters.push(id),
+                InstanceState::Starting { waiters, .. } | InstanceState::Certifying { waiters, .. } => waiters.push(id),
             }
             return;
         }
-        if let Err(reason) = self.check_capacity(info) {
+        if let Err(reason) = self.check_admission(info).and_then(|()| self.check_capacity(info)) {
             self.refuse(id, reason);
             return;
         }
@@ -337,6 +351,18 @@ impl Allocator {
         );
         self.event(Event::InstanceStarting { instance, service: info.name.clone() });
         self.outputs.push_back(AllocatorOutput::Start { instance, service: info.clone() });
+    }
+
+    /// Whether this allocator may run `info` at all: it can certify instances, and
+    /// an `Exec` program lies inside its exec roots.
+    fn check_admission(&self, info: &ServiceInfo) -> Result<(), String> {
+        if self.trust.issuer.is_none() {
+            return Err("this allocator holds no operator grant, so no client would trust its instances".into());
+        }
+        match &info.run {
+            RunSpec::Exec { program, .. } => program_within(program, &self.config.exec_roots),
+            RunSpec::Image { .. } => Ok(()),
+        }
     }
 
     fn check_capacity(&self, info: &ServiceInfo) -> Result<(), String> {
@@ -367,24 +393,46 @@ impl Allocator {
         Ok(())
     }
 
-    fn on_started(&mut self, instance: InstanceId, peer: PeerAddr) {
+    /// The driver reports the instance up: send it its credentials first.
+    fn on_started(&mut self, now: Instant, instance: InstanceId, peer: PeerAddr) {
         let Some(inst) = self.instances.get_mut(&instance) else { return };
         let InstanceState::Starting { waiters, .. } = &mut inst.state else { return };
         let waiters = std::mem::take(waiters);
-        inst.state = InstanceState::Up { peer: peer.clone(), query: None };
-        let service = inst.service.name.clone();
-        for id in waiters {
-            self.reply(id, Response::Allocated { instance: peer.clone() });
+        inst.state = InstanceState::Certifying { peer: peer.clone(), waiters };
+        self.query(now, instance);
+    }
+
+    /// Credentials for `instance` as `peer`, valid for the configured lifetime from `now`.
+    fn credentials(&self, now: Instant, peer: &PeerAddr, info: &ServiceInfo) -> Option<Credentials> {
+        let not_after = self.trust.unix_secs(now).saturating_add(self.trust.cert_lifetime.as_secs());
+        Some(self.trust.issuer.as_ref()?.issue(peer.peer.clone(), info.hash.clone(), not_after))
+    }
+
+    /// Send `instance` an idle query carrying fresh credentials.
+    fn query(&mut self, now: Instant, instance: InstanceId) {
+        let Some(inst) = self.instances.get(&instance) else { return };
+        let peer = match &inst.state {
+            InstanceState::Certifying { peer, .. } | InstanceState::Up { peer, query: None } => peer.clone(),
+            _ => return,
+        };
+        let credentials = self.credentials(now, &peer, &inst.service);
+        let token = self.next_token;
+        self.next_token = self.next_token.wrapping_add(1);
+        if let Some(Instance { state: InstanceState::Up { query, .. }, .. }) = self.instances.get_mut(&instance) {
+            *query = Some(token);
         }
-        self.event(Event::InstanceUp { instance, service, peer: peer.peer });
+        self.queries.insert(token, (instance, now + self.config.idle_query_timeout));
+        let timeout = self.config.idle_query_timeout;
+        self.outputs.push_back(AllocatorOutput::QueryIdle { token, peer, credentials, timeout });
     }
 
     /// The instance failed or exited: `refusal` for requests still waiting on its
     /// start, `reason` for the event.
     fn on_gone(&mut self, instance: InstanceId, refusal: String, reason: String) {
         let Some(inst) = self.instances.remove(&instance) else { return };
+        self.queries.retain(|_, (i, _)| *i != instance);
         match inst.state {
-            InstanceState::Starting { waiters, .. } => {
+            InstanceState::Starting { waiters, .. } | InstanceState::Certifying { waiters, .. } => {
                 for id in waiters {
                     self.refuse(id, refusal.clone());
                 }
@@ -400,7 +448,28 @@ impl Allocator {
 
     fn on_idle_answer(&mut self, token: u64, result: Result<u64, String>) {
         let Some((instance, _)) = self.queries.remove(&token) else { return };
-        if let Some(Instance { state: InstanceState::Up { query, .. }, .. }) = self.instances.get_mut(&instance) {
+        let Some(inst) = self.instances.get_mut(&instance) else { return };
+        if let InstanceState::Certifying { peer, waiters } = &mut inst.state {
+            let (peer, waiters) = (peer.clone(), std::mem::take(waiters));
+            match result {
+                Ok(_) => {
+                    inst.state = InstanceState::Up { peer: peer.clone(), query: None };
+                    let service = inst.service.name.clone();
+                    for id in waiters {
+                        self.reply(id, Response::Allocated { instance: peer.clone() });
+                    }
+                    self.event(Event::InstanceUp { instance, service, peer: peer.peer });
+                }
+                Err(e) => {
+                    inst.state = InstanceState::Certifying { peer, waiters };
+                    let reason = format!("the instance did not take its credentials: {e}");
+                    self.outputs.push_back(AllocatorOutput::Stop { instance });
+                    self.on_gone(instance, reason.clone(), reason);
+                }
+            }
+            return;
+        }
+        if let InstanceState::Up { query, .. } = &mut inst.state {
             *query = None;
         }
         match result {
@@ -413,19 +482,15 @@ impl Allocator {
     }
 
     fn cull_round(&mut self, now: Instant) {
-        let deadline = now + self.config.idle_query_timeout;
-        for (&instance, inst) in self.instances.iter_mut() {
-            // An instance still answering the previous round's query is not asked twice.
-            let InstanceState::Up { peer, query: query @ None } = &mut inst.state else { continue };
-            let token = self.next_token;
-            self.next_token = self.next_token.wrapping_add(1);
-            *query = Some(token);
-            self.queries.insert(token, (instance, deadline));
-            self.outputs.push_back(AllocatorOutput::QueryIdle {
-                token,
-                peer: peer.clone(),
-                timeout: self.config.idle_query_timeout,
-            });
+        // An instance still answering the previous round's query is not asked twice.
+        let due: Vec<InstanceId> = self
+            .instances
+            .iter()
+            .filter(|(_, i)| matches!(i.state, InstanceState::Up { query: None, .. }))
+            .map(|(id, _)| *id)
+            .collect();
+        for instance in due {
+            self.query(now, instance);
         }
     }
 
@@ -457,7 +522,21 @@ impl Allocator {
 mod tests {
     use super::*;
     use crate::perf::Requirements;
+    use crate::trust::{Grant, Issuer, Operators, SecretKey};
     use crate::types::{ContentHash, RunSpec};
+
+    fn operator() -> SecretKey {
+        SecretKey::from_bytes([1; 32])
+    }
+
+    /// A granted allocator's trust settings, its clock at unix second 1000 at zero.
+    fn trust() -> TrustConfig {
+        let key = SecretKey::from_bytes([7; 32]);
+        let grant = Grant::sign(PeerId("alloc".into()), key.public(), &operator());
+        let mut t = TrustConfig::new(Operators::new(vec![operator().public()]), 1000);
+        t.issuer = Some(Issuer::allocator(key, grant).unwrap());
+        t
+    }
 
     fn info(name: &str, cpu_millis: u32, memory_mb: u32) -> ServiceInfo {
         ServiceInfo {
@@ -549,13 +628,23 @@ mod tests {
     /// Start `svc` and report it up as `peer`.
     fn bring_up(a: &mut Allocator, now: Instant, id: u64, svc: &ServiceInfo, peer: &str) -> InstanceId {
         let instance = start_one(a, now, id, svc);
-        a.handle_input(now, AllocatorInput::InstanceStarted { instance, peer: addr(peer) });
-        drain(a);
+        started(a, now, instance, peer);
         instance
     }
 
     fn new_alloc(config: AllocatorConfig) -> Allocator {
-        Allocator::new(config, Instant::ZERO)
+        Allocator::new(config, trust(), Instant::ZERO)
+    }
+
+    /// Report `instance` up as `peer` and let it accept its credentials.
+    fn started(a: &mut Allocator, now: Instant, instance: InstanceId, peer: &str) -> Vec<AllocatorOutput> {
+        a.handle_input(now, AllocatorInput::InstanceStarted { instance, peer: addr(peer) });
+        let outs = drain(a);
+        assert!(replies(&outs).is_empty(), "no client hears of it before it holds credentials: {outs:?}");
+        let q = idle_queries(&outs);
+        assert_eq!(q.len(), 1, "{outs:?}");
+        a.handle_input(now, AllocatorInput::IdleAnswer { token: q[0].0, result: Ok(0) });
+        drain(a)
     }
 
     #[test]
@@ -612,8 +701,7 @@ mod tests {
             a.instances().collect::<Vec<_>>(),
             vec![InstanceView { instance, service: "web".into(), peer: None }]
         );
-        a.handle_input(at(2), AllocatorInput::InstanceStarted { instance, peer: addr("inst-1") });
-        let outs = drain(&mut a);
+        let outs = started(&mut a, at(2), instance, "inst-1");
         assert_eq!(
             outs,
             vec![
@@ -646,8 +734,7 @@ mod tests {
         let s = starts(&outs);
         assert_eq!(s.len(), 1, "{outs:?}");
         assert!(replies(&outs).is_empty());
-        a.handle_input(at(3), AllocatorInput::InstanceStarted { instance: s[0], peer: addr("inst") });
-        let outs = drain(&mut a);
+        let outs = started(&mut a, at(3), s[0], "inst");
         let r = replies(&outs);
         assert_eq!(r.len(), 5);
         for (i, (id, resp)) in r.iter().enumerate() {
@@ -797,7 +884,7 @@ mod tests {
 
     #[test]
     fn first_cull_is_one_interval_after_start() {
-        let mut a = Allocator::new(AllocatorConfig::default(), at(100));
+        let mut a = Allocator::new(AllocatorConfig::default(), trust(), at(100));
         assert_eq!(a.poll_timeout(), Some(at(160)));
         bring_up(&mut a, at(100), 1, &info("web", 1, 1), "inst");
         a.handle_timeout(at(159));
@@ -916,11 +1003,79 @@ mod tests {
 
     #[test]
     fn zero_cull_interval_does_not_spin() {
-        let mut a =
-            Allocator::new(AllocatorConfig { cull_interval: Duration::ZERO, ..AllocatorConfig::default() }, at(0));
+        let mut a = Allocator::new(
+            AllocatorConfig { cull_interval: Duration::ZERO, ..AllocatorConfig::default() },
+            trust(),
+            at(0),
+        );
         let first = a.poll_timeout().expect("a cull deadline");
         assert!(first > at(0));
         a.handle_timeout(first);
         assert!(a.poll_timeout().expect("a cull deadline") > first);
+    }
+
+    #[test]
+    fn instances_get_credentials_for_their_own_peer_and_service_and_renewals_each_round() {
+        let mut a = new_alloc(AllocatorConfig::default());
+        let svc = info("web", 1, 1);
+        let instance = start_one(&mut a, at(0), 1, &svc);
+        a.handle_input(at(2), AllocatorInput::InstanceStarted { instance, peer: addr("inst") });
+        let outs = drain(&mut a);
+        let [AllocatorOutput::QueryIdle { credentials: Some(c), .. }] = &outs[..] else { panic!("{outs:?}") };
+        let ops = Operators::new(vec![operator().public()]);
+        let (me, hash) = (PeerId("inst".into()), svc.hash.clone());
+        assert_eq!(ops.verify_credentials(c, &me, &hash, 1002), Ok(()));
+        assert_eq!(c.cert.not_after, 1002 + 600);
+        // The cull round renews them from its own time.
+        a.handle_input(at(2), AllocatorInput::IdleAnswer { token: idle_queries(&outs)[0].0, result: Ok(0) });
+        drain(&mut a);
+        a.handle_timeout(at(60));
+        let outs = drain(&mut a);
+        let [AllocatorOutput::QueryIdle { credentials: Some(renewed), .. }] = &outs[..] else { panic!("{outs:?}") };
+        assert_eq!(renewed.cert.not_after, 1060 + 600);
+    }
+
+    #[test]
+    fn an_instance_that_refuses_its_credentials_is_stopped_and_its_waiters_refused() {
+        let mut a = new_alloc(AllocatorConfig::default());
+        let instance = start_one(&mut a, at(0), 1, &info("web", 1, 1));
+        a.handle_input(at(1), AllocatorInput::InstanceStarted { instance, peer: addr("inst") });
+        let q = idle_queries(&drain(&mut a));
+        a.handle_input(at(1), AllocatorInput::IdleAnswer { token: q[0].0, result: Err("bad certificate".into()) });
+        let outs = drain(&mut a);
+        assert_eq!(stops(&outs), vec![instance]);
+        assert!(refused_with(&outs, 1, "did not take its credentials: bad certificate"), "{outs:?}");
+        assert_eq!(a.instances().count(), 0);
+        // No answer at all within the query timeout ends the same way.
+        let instance = start_one(&mut a, at(2), 2, &info("web", 1, 1));
+        a.handle_input(at(2), AllocatorInput::InstanceStarted { instance, peer: addr("inst") });
+        drain(&mut a);
+        a.handle_timeout(at(7));
+        let outs = drain(&mut a);
+        assert_eq!(stops(&outs), vec![instance]);
+        assert!(refused_with(&outs, 2, "timed out"), "{outs:?}");
+    }
+
+    #[test]
+    fn programs_outside_the_exec_roots_and_allocators_without_a_grant_start_nothing() {
+        let exec = |program: &str| ServiceInfo {
+            run: RunSpec::Exec { program: program.into(), args: vec![], env: vec![] },
+            ..info("sh", 1, 1)
+        };
+        let config = AllocatorConfig { exec_roots: vec!["/opt/svc".into()], ..AllocatorConfig::default() };
+        let mut a = new_alloc(config.clone());
+        request(&mut a, at(0), 1, "sh");
+        resolve(&mut a, at(0), "sh", Ok(Some(exec("/bin/sh"))));
+        let outs = drain(&mut a);
+        assert!(starts(&outs).is_empty());
+        assert!(refused_with(&outs, 1, "outside this allocator's exec roots"), "{outs:?}");
+        start_one(&mut a, at(0), 2, &exec("/opt/svc/hello"));
+
+        let mut ungranted = Allocator::new(config, TrustConfig::new(Operators::default(), 0), at(0));
+        request(&mut ungranted, at(0), 1, "web");
+        resolve(&mut ungranted, at(0), "web", Ok(Some(info("web", 1, 1))));
+        let outs = drain(&mut ungranted);
+        assert!(starts(&outs).is_empty());
+        assert!(refused_with(&outs, 1, "holds no operator grant"), "{outs:?}");
     }
 }

@@ -1,13 +1,15 @@
 //! Configuration: the original's `conf/conf.json` format, and the knobs of each machine.
 
 use crate::perf::{PerfLimits, Requirements, DEFAULT_SOFT_GRACE};
-use crate::types::{PeerId, ServiceInfo};
+use crate::trust::{Operators, PublicKey, SignedEntry, TrustConfig};
+use crate::types::PeerId;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::time::Duration;
 
 /// `conf/conf.json` as the original defines it:
-/// `{"Perf": {"SoftReq": {"RTT": ms}, "HardReq": {"RTT": ms}}, "Bootstraps": [multiaddr, ...]}`.
+/// `{"Perf": {"SoftReq": {"RTT": ms}, "HardReq": {"RTT": ms}}, "Bootstraps": [multiaddr, ...]}`,
+/// plus `"Operators": [public key, ...]`: who may decide what runs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfFile {
@@ -15,6 +17,9 @@ pub struct ConfFile {
     pub perf: PerfConf,
     #[serde(rename = "Bootstraps", default)]
     pub bootstraps: Vec<String>,
+    /// Operators' Ed25519 public keys, 64 hex digits each.
+    #[serde(rename = "Operators", default)]
+    pub operators: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,7 +70,15 @@ impl ConfFile {
                 conf.perf.soft.rtt_ms, conf.perf.hard.rtt_ms
             )));
         }
+        for key in &conf.operators {
+            key.parse::<PublicKey>().map_err(|e| ConfError(format!("invalid config: Operators entry {key:?}: {e}")))?;
+        }
         Ok(conf)
+    }
+
+    /// The operator keys this file lists (validated by [`ConfFile::parse`]).
+    pub fn operator_keys(&self) -> Vec<PublicKey> {
+        self.operators.iter().filter_map(|k| k.parse().ok()).collect()
     }
 
     /// The default requirements this file sets for services that set none.
@@ -92,7 +105,10 @@ pub struct NodeConfig {
     /// Allocator role.
     pub allocator: Option<AllocatorConfig>,
     /// Registry role, with the entries loaded from the store at start.
-    pub registry: Option<Vec<ServiceInfo>>,
+    pub registry: Option<Vec<SignedEntry>>,
+    /// Operator keys, wall-clock alignment and (allocators, operator-run sidecars)
+    /// the certificate issuer.
+    pub trust: TrustConfig,
 }
 
 impl NodeConfig {
@@ -107,6 +123,7 @@ impl NodeConfig {
             serve: None,
             allocator: None,
             registry: None,
+            trust: TrustConfig::new(Operators::default(), 0),
         }
     }
 }
@@ -211,6 +228,8 @@ pub struct AllocatorConfig {
     pub start_timeout: Duration,
     /// How long an idle query may take before it counts as failed.
     pub idle_query_timeout: Duration,
+    /// Directories whose programs `Exec` services may run (none: no programs run).
+    pub exec_roots: Vec<String>,
 }
 
 impl Default for AllocatorConfig {
@@ -223,6 +242,7 @@ impl Default for AllocatorConfig {
             idle_limit: Duration::from_secs(60),
             start_timeout: Duration::from_secs(30),
             idle_query_timeout: Duration::from_secs(5),
+            exec_roots: Vec::new(),
         }
     }
 }

@@ -4,6 +4,7 @@
 //! responses never pass through here.
 
 use crate::time::Instant;
+use crate::trust::{Credentials, SignedEntry};
 use crate::types::{ContentHash, DhtKey, InboundId, InstanceId, OpId, PeerAddr, PeerId, ReqId, ServiceInfo};
 use crate::wire::{Request, Response};
 use std::time::Duration;
@@ -18,6 +19,9 @@ pub enum Input {
     HttpRequest { req: ReqId, service: String, deadline: Instant },
     /// Forwarding a routed request to `peer` failed; the peer is evicted.
     RouteFailed { service: ContentHash, peer: PeerId, reason: String },
+    /// An instance of `service` showed no valid credentials before any request byte
+    /// was sent: it is evicted and not chosen again.
+    Untrusted { service: ContentHash, peer: PeerId, reason: String },
     /// Service mode: the sidecar served a tunnelled request (resets the idle clock).
     TunnelServed,
     /// A peer sent us a request; answer with [`Output::ReplyToPeer`] naming `id`.
@@ -68,7 +72,9 @@ pub enum Output {
     /// Allocator: stop and remove the instance.
     StopInstance { instance: InstanceId },
     /// Registry: the store's full contents after a change; persist them.
-    PersistRegistry { entries: Vec<ServiceInfo> },
+    PersistRegistry { entries: Vec<SignedEntry> },
+    /// Service mode: show these credentials to clients (in every `TunnelAck`) from now on.
+    ServeCredentials { credentials: Credentials },
     /// Something worth counting or tracing happened.
     Event(Event),
 }
@@ -93,6 +99,8 @@ pub enum Event {
     Allocated { service: String, allocator: PeerId, instance: PeerId },
     /// An allocator refused a start request.
     AllocationRefused { service: String, allocator: PeerId, reason: String },
+    /// A peer failed the trust check and will not be chosen again for a while.
+    Untrusted { service: ContentHash, peer: PeerId, reason: String },
     /// A cached peer was dropped.
     Evicted { service: ContentHash, peer: PeerId, reason: String },
     /// A cached peer violated the soft limit for longer than the grace.

@@ -16,6 +16,7 @@ pub mod perf;
 pub mod registry;
 pub mod registry_cache;
 pub mod time;
+pub mod trust;
 pub mod types;
 pub mod wire;
 

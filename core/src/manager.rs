@@ -8,6 +8,10 @@
 //! new instance → dial the instance the allocator names directly → if that fails,
 //! re-find with backoff. Every accepted request gets exactly one
 //! [`ManagerOutput::Respond`] no later than its deadline.
+//!
+//! An instance that showed no valid credentials ([`Manager::untrusted`]) is
+//! evicted and skipped for [`UNTRUSTED_FOR`]: it is neither probed nor accepted
+//! from an allocator, so a rogue provider cannot win a discovery by answering fast.
 
 use crate::config::{ManagerConfig, PeerCacheConfig};
 use crate::io::{Event, OpResult, Outcome};
@@ -19,6 +23,11 @@ use crate::types::{ContentHash, DhtKey, PeerAddr, PeerId, ReqId, ServiceInfo};
 use crate::wire::{Request, Response};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
+
+/// How long a peer that failed the trust check for a service is skipped.
+pub const UNTRUSTED_FOR: Duration = Duration::from_secs(600);
+/// Most (service, peer) pairs remembered as untrusted; the ones expiring first make room.
+pub const MAX_UNTRUSTED: usize = 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ManagerOutput {
@@ -173,6 +182,8 @@ pub struct Manager {
     known: BTreeMap<ContentHash, ServiceInfo>,
     next_token: u64,
     serving: Option<Serving>,
+    /// Instances that failed the trust check, and until when they are skipped.
+    untrusted: BTreeMap<(ContentHash, PeerId), Instant>,
     out: VecDeque<ManagerOutput>,
 }
 
@@ -199,6 +210,7 @@ impl Manager {
             known: BTreeMap::new(),
             next_token: 0,
             serving: None,
+            untrusted: BTreeMap::new(),
             out: VecDeque::new(),
         };
         if let Some(name) = serve {
@@ -302,6 +314,29 @@ impl Manager {
         self.drain_cache(now);
     }
 
+    /// `peer` showed no valid credentials for `service`: evict it and skip it for a while.
+    pub fn untrusted(&mut self, now: Instant, service: &ContentHash, peer: &PeerId, reason: &str) {
+        self.cache.remove(service, peer, &format!("untrusted: {reason}"));
+        self.untrusted.retain(|_, until| *until > now);
+        if self.untrusted.len() >= MAX_UNTRUSTED {
+            let soonest = self.untrusted.iter().min_by_key(|(_, until)| **until).map(|(k, _)| k.clone());
+            if let Some(k) = soonest {
+                self.untrusted.remove(&k);
+            }
+        }
+        self.untrusted.insert((service.clone(), peer.clone()), now + UNTRUSTED_FOR);
+        self.out.push_back(ManagerOutput::Event(Event::Untrusted {
+            service: service.clone(),
+            peer: peer.clone(),
+            reason: reason.to_string(),
+        }));
+        self.drain_cache(now);
+    }
+
+    fn is_untrusted(&self, now: Instant, service: &ContentHash, peer: &PeerId) -> bool {
+        self.untrusted.get(&(service.clone(), peer.clone())).is_some_and(|until| *until > now)
+    }
+
     // ---- discovery -------------------------------------------------------
 
     fn start_discovery(&mut self, now: Instant, info: ServiceInfo, purpose: Purpose, waiters: Vec<ReqId>) {
@@ -344,8 +379,12 @@ impl Manager {
     fn probe_round(&mut self, now: Instant, name: &str, peers: Vec<PeerAddr>, timeout: Duration) -> ProbeRound {
         let mut round = ProbeRound { deadline: now + timeout, ..ProbeRound::default() };
         let mut seen = std::collections::BTreeSet::new();
+        let hash = self.discoveries.get(name).map(|d| d.info.hash.clone());
         for peer in peers {
             if peer.peer == self.local || !seen.insert(peer.peer.clone()) {
+                continue;
+            }
+            if hash.as_ref().is_some_and(|h| self.is_untrusted(now, h, &peer.peer)) {
                 continue;
             }
             let token = self.token();
@@ -412,6 +451,18 @@ impl Manager {
                     return self.attempt_failed(now, name, "allocator bookkeeping out of range".into());
                 };
                 let service = name.to_string();
+                let hash = self.discoveries.get(name).map(|d| d.info.hash.clone());
+                let result = match result {
+                    OpResult::Response(Response::Allocated { instance })
+                        if hash.as_ref().is_some_and(|h| self.is_untrusted(now, h, &instance.peer)) =>
+                    {
+                        OpResult::Failed(format!(
+                            "it handed back instance {}, which failed the trust check",
+                            instance.peer
+                        ))
+                    }
+                    other => other,
+                };
                 match result {
                     OpResult::Response(Response::Allocated { instance }) => {
                         self.out.push_back(ManagerOutput::Event(Event::Allocated {
@@ -641,6 +692,11 @@ impl Manager {
         if let Some(s) = self.serving.as_mut() {
             s.last_served = now;
         }
+    }
+
+    /// Service mode: the content hash of the served service, once resolved.
+    pub fn served_hash(&self) -> Option<&ContentHash> {
+        self.serving.as_ref()?.info.as_ref().map(|i| &i.hash)
     }
 
     /// Answer an allocator's idle query.

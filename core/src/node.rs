@@ -3,6 +3,11 @@
 //! optionally the allocator and registry roles. It owns the table of outstanding
 //! operations and enforces each one's timeout itself, so a runtime that never
 //! answers cannot leave a request hanging.
+//!
+//! Trust (see [`crate::trust`]): registry answers are verified here against the
+//! operator keys before anything uses them, and a name's entry may not go back to
+//! an older version than one seen before; a sidecar takes credentials only when
+//! they certify itself, and an operator-run sidecar certifies itself.
 
 use crate::allocator::{Allocator, AllocatorInput, AllocatorOutput};
 use crate::config::NodeConfig;
@@ -11,7 +16,8 @@ use crate::manager::{Manager, ManagerOutput};
 use crate::registry::Registry;
 use crate::registry_cache::{RegistryCache, RegistryCacheOutput, Resolution};
 use crate::time::{earliest, Instant};
-use crate::types::{DhtKey, InboundId, OpId, PeerAddr, PeerId};
+use crate::trust::{SignedEntry, TrustConfig};
+use crate::types::{DhtKey, InboundId, OpId, PeerAddr, PeerId, ServiceInfo};
 use crate::wire::{Request, Response};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -24,8 +30,12 @@ enum Owner {
     Manager(u64),
     AllocatorIdle(u64),
     RegistryFind,
-    RegistryGet { name: String },
+    RegistryGet { name: String, peer: PeerId },
 }
+
+/// Names whose highest entry version is remembered (against rollback by a rogue
+/// registry); past this, new names are not tracked.
+const MAX_TRACKED_VERSIONS: usize = 4096;
 
 #[derive(Clone, Debug)]
 struct PendingOp {
@@ -57,6 +67,12 @@ pub struct Node {
     next_role_advertise: Instant,
     advertise_interval: Duration,
     registry_timeout: Duration,
+    trust: TrustConfig,
+    /// The highest verified entry version seen per name.
+    entry_versions: BTreeMap<String, u64>,
+    /// Operator-run sidecar: when to certify ourselves again (`None` until the served
+    /// service's hash is known).
+    next_self_certify: Option<Instant>,
     rng: ChaCha8Rng,
     out: VecDeque<Output>,
 }
@@ -83,8 +99,8 @@ impl Node {
             local: config.local,
             manager,
             registry_cache: RegistryCache::new(config.registry_cache),
-            allocator: config.allocator.map(|c| Allocator::new(c, now)),
-            registry: config.registry.map(Registry::new),
+            allocator: config.allocator.map(|c| Allocator::new(c, config.trust.clone(), now)),
+            registry: config.registry.map(|entries| Registry::new(config.trust.operators.clone(), entries)),
             registry_peers: Vec::new(),
             awaiting_registry: BTreeSet::new(),
             registry_find_in_flight: false,
@@ -94,6 +110,9 @@ impl Node {
             next_role_advertise: now,
             advertise_interval: config.manager.advertise_interval,
             registry_timeout: config.manager.registry_timeout,
+            trust: config.trust,
+            entry_versions: BTreeMap::new(),
+            next_self_certify: None,
             rng: ChaCha8Rng::seed_from_u64(rng_seed),
             out: VecDeque::new(),
         };
@@ -111,6 +130,7 @@ impl Node {
                 self.manager.http_request(now, req, service, deadline, resolution);
             }
             Input::RouteFailed { service, peer, reason } => self.manager.route_failed(now, &service, &peer, &reason),
+            Input::Untrusted { service, peer, reason } => self.manager.untrusted(now, &service, &peer, &reason),
             Input::TunnelServed => self.manager.tunnel_served(now),
             Input::PeerRequest { id, from, request } => self.peer_request(now, id, from, request),
             Input::OpDone { op, result } => {
@@ -148,7 +168,12 @@ impl Node {
         if !self.role_keys.is_empty() {
             t = earliest(t, Some(self.next_role_advertise));
         }
-        t
+        earliest(t, self.next_self_certify)
+    }
+
+    /// The trust settings (operators, clock alignment) the runtime verifies tunnels with.
+    pub fn trust(&self) -> &TrustConfig {
+        &self.trust
     }
 
     /// The manager, for inspection (tests, metrics).
@@ -192,6 +217,23 @@ impl Node {
             let offset = if jitter > 0 { self.rng.next_u64() % jitter } else { 0 };
             self.next_role_advertise = now + Duration::from_micros(interval - jitter / 2 + offset);
         }
+        if self.next_self_certify.is_some_and(|t| t <= now) {
+            self.self_certify(now);
+        }
+    }
+
+    /// An operator-run sidecar (an issuer, no allocator role) signs its own
+    /// credentials once its service's hash is known, and renews them at half-life.
+    fn self_certify(&mut self, now: Instant) {
+        if self.allocator.is_some() {
+            return;
+        }
+        let (Some(issuer), Some(hash)) = (&self.trust.issuer, self.manager.served_hash()) else { return };
+        let lifetime = self.trust.cert_lifetime;
+        let not_after = self.trust.unix_secs(now).saturating_add(lifetime.as_secs());
+        let credentials = issuer.issue(self.local.clone(), hash.clone(), not_after);
+        self.out.push_back(Output::ServeCredentials { credentials });
+        self.next_self_certify = Some(now + (lifetime / 2).max(Duration::from_secs(1)));
     }
 
     // ---- operations ------------------------------------------------------
@@ -237,21 +279,13 @@ impl Node {
                     }
                 }
             }
-            Owner::RegistryGet { name } => match result {
-                OpResult::Response(Response::Service { info }) if info.as_ref().is_none_or(|i| i.name == name) => {
-                    self.registry_cache.answer(now, &name, Ok(info));
-                }
-                other => {
-                    // This registry instance failed us: try the next one, if any.
-                    if !self.registry_peers.is_empty() {
-                        self.registry_peers.remove(0);
-                    }
+            Owner::RegistryGet { name, peer } => match self.registry_answer(&name, result) {
+                Ok(info) => self.registry_cache.answer(now, &name, Ok(info)),
+                Err(reason) => {
+                    // This registry instance failed us: skip it and try the next one, if any.
+                    self.registry_peers.retain(|p| p.peer != peer);
                     if self.registry_peers.is_empty() {
-                        let reason = match other {
-                            OpResult::Failed(e) => e,
-                            other => format!("malformed registry answer: {other:?}"),
-                        };
-                        self.registry_cache.answer(now, &name, Err(reason));
+                        self.registry_cache.answer(now, &name, Err(format!("registry {peer}: {reason}")));
                     } else {
                         self.ask_registry(now, name);
                     }
@@ -261,6 +295,32 @@ impl Node {
     }
 
     // ---- registry client -------------------------------------------------
+
+    /// What a registry's answer about `name` says, once verified: the service, or
+    /// `None` when there is none. A forged, mismatched or rolled-back entry is an error.
+    fn registry_answer(&mut self, name: &str, result: OpResult) -> Result<Option<ServiceInfo>, String> {
+        let entry: SignedEntry = match result {
+            OpResult::Response(Response::Entry { entry: None }) => return Ok(None),
+            OpResult::Response(Response::Entry { entry: Some(entry) }) => *entry,
+            OpResult::Failed(e) => return Err(e),
+            other => return Err(format!("malformed registry answer: {other:?}")),
+        };
+        if entry.name != name {
+            return Err(format!("asked about '{name}', it answered about '{}'", entry.name));
+        }
+        self.trust.operators.verify_entry(&entry).map_err(|e| format!("entry for '{name}' refused: {e}"))?;
+        let seen = self.entry_versions.get(name).copied().unwrap_or(0);
+        if entry.version < seen {
+            return Err(format!(
+                "entry for '{name}' has version {}, older than version {seen} seen before",
+                entry.version
+            ));
+        }
+        if self.entry_versions.contains_key(name) || self.entry_versions.len() < MAX_TRACKED_VERSIONS {
+            self.entry_versions.insert(name.to_string(), entry.version);
+        }
+        Ok(entry.info)
+    }
 
     /// Ask a registry about `name`: ourselves if we are one, else the first known
     /// registry peer, else find registry peers first.
@@ -273,7 +333,8 @@ impl Node {
         match self.registry_peers.first().cloned() {
             Some(peer) => {
                 let timeout = self.registry_timeout;
-                let op = self.start_op(now, Owner::RegistryGet { name: name.clone() }, timeout, None);
+                let owner = Owner::RegistryGet { name: name.clone(), peer: peer.peer.clone() };
+                let op = self.start_op(now, owner, timeout, None);
                 let request = Request::RegistryGet { name };
                 self.out.push_back(Output::SendRequest { op, peer, request, timeout });
             }
@@ -299,17 +360,13 @@ impl Node {
                 true => self.allocator_input(now, AllocatorInput::Request { id, from, service }),
                 false => self.out.push_back(reply(Response::Error { reason: "this node is not an allocator".into() })),
             },
-            Request::RegistryGet { .. }
-            | Request::RegistryList
-            | Request::RegistryPut { .. }
-            | Request::RegistryDelete { .. } => {
+            Request::RegistryGet { .. } | Request::RegistryList { .. } | Request::RegistryPut { .. } => {
                 let Some(registry) = self.registry.as_mut() else {
                     self.out.push_back(reply(Response::Error { reason: "this node is not a registry".into() }));
                     return;
                 };
                 let name = match &request {
-                    Request::RegistryPut { info } => Some(info.name.clone()),
-                    Request::RegistryDelete { name } => Some(name.clone()),
+                    Request::RegistryPut { entry } => Some(entry.name.clone()),
                     _ => None,
                 };
                 let (response, changed) = registry.handle(request);
@@ -322,7 +379,20 @@ impl Node {
                 }
                 self.out.push_back(reply(response));
             }
-            Request::IdleQuery => self.out.push_back(reply(self.manager.idle_query(now))),
+            Request::IdleQuery { credentials } => {
+                if let Some(credentials) = credentials {
+                    // Only credentials that certify this very node, for what it serves.
+                    let hash = self.manager.served_hash().cloned().unwrap_or_else(|| credentials.cert.service.clone());
+                    let unix = self.trust.unix_secs(now);
+                    if let Err(e) = self.trust.operators.verify_credentials(&credentials, &self.local, &hash, unix) {
+                        let reason = format!("credentials refused: {e}");
+                        self.out.push_back(reply(Response::Error { reason }));
+                        return;
+                    }
+                    self.out.push_back(Output::ServeCredentials { credentials: *credentials });
+                }
+                self.out.push_back(reply(self.manager.idle_query(now)));
+            }
             Request::Ping { nonce } => self.out.push_back(reply(Response::Pong { nonce })),
         }
     }
@@ -362,7 +432,11 @@ impl Node {
 
     /// A name resolved: everyone who may be waiting for it hears.
     fn resolved(&mut self, now: Instant, name: &str, resolution: Resolution) {
+        let certified = self.manager.served_hash().cloned();
         self.manager.resolved(now, name, resolution.clone());
+        if self.trust.issuer.is_some() && self.manager.served_hash() != certified.as_ref() {
+            self.self_certify(now);
+        }
         if let Some(a) = self.allocator.as_mut() {
             let result = match resolution {
                 Resolution::Found(info) => Ok(Some(info)),
@@ -408,9 +482,10 @@ impl Node {
                 self.out.push_back(Output::StartInstance { instance, service })
             }
             AllocatorOutput::Stop { instance } => self.out.push_back(Output::StopInstance { instance }),
-            AllocatorOutput::QueryIdle { token, peer, timeout } => {
+            AllocatorOutput::QueryIdle { token, peer, credentials, timeout } => {
                 let op = self.start_op(now, Owner::AllocatorIdle(token), timeout, None);
-                self.out.push_back(Output::SendRequest { op, peer, request: Request::IdleQuery, timeout });
+                let request = Request::IdleQuery { credentials: credentials.map(Box::new) };
+                self.out.push_back(Output::SendRequest { op, peer, request, timeout });
             }
             AllocatorOutput::Event(e) => self.out.push_back(Output::Event(e)),
         }

@@ -118,7 +118,7 @@ mod tests {
         ServiceInfo {
             name: name.into(),
             hash: ContentHash(format!("h-{name}")),
-            run: RunSpec::Exec { program: "hello".into(), args: vec![] },
+            run: RunSpec::Exec { program: "hello".into(), args: vec![], env: vec![] },
             requirements: Requirements::default(),
             cpu_millis: 0,
             memory_mb: 0,

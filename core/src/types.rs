@@ -43,8 +43,13 @@ impl fmt::Display for ContentHash {
 /// from the peer asking for an instance.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RunSpec {
-    /// An executable on the allocator's machine, with its arguments.
-    Exec { program: String, args: Vec<String> },
+    /// An executable on the allocator's machine, with its arguments and environment.
+    Exec {
+        program: String,
+        args: Vec<String>,
+        #[serde(default)]
+        env: Vec<(String, String)>,
+    },
     /// A container image (the Docker driver).
     Image { image: String },
 }
@@ -62,6 +67,19 @@ pub struct ServiceInfo {
     /// Memory the instance needs, in MiB.
     pub memory_mb: u32,
     pub stateful: bool,
+}
+
+/// A service's content hash: SHA3-256 over everything that decides what runs — the
+/// run spec (program path, arguments, environment, or image reference) and the
+/// digest of the artifact itself (`artifact`: the program's bytes hashed, empty for
+/// images) — so services differing in any of these never share an identity.
+pub fn content_hash(run: &RunSpec, artifact: &str) -> ContentHash {
+    use sha3::{Digest, Sha3_256};
+    let mut h = Sha3_256::new();
+    h.update(b"physarum/run-spec/v1\0");
+    h.update(postcard::to_allocvec(run).unwrap_or_default());
+    h.update(artifact.as_bytes());
+    ContentHash(hex::encode(h.finalize()))
 }
 
 /// Keys nodes advertise and look up in the DHT.

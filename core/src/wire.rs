@@ -6,13 +6,14 @@
 //! HTTP itself is not in here: tunnelled requests travel as HTTP over a long-lived
 //! stream that starts with a [`TunnelHello`] / [`TunnelAck`] exchange.
 
-use crate::types::{PeerAddr, ServiceInfo};
+use crate::trust::{Credentials, SignedEntry};
+use crate::types::PeerAddr;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// Version of the wire format; a frame carrying another is rejected.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 /// Largest frame accepted or produced (length prefix excluded).
 pub const MAX_FRAME: usize = 1 << 20;
 /// Size of the length prefix.
@@ -29,15 +30,19 @@ pub enum Request {
     RegistryGet {
         name: String,
     },
-    RegistryList,
+    /// One page of entries in name order, starting after `after`.
+    RegistryList {
+        after: Option<String>,
+    },
+    /// Store an operator-signed entry; one with `info: None` removes the service.
     RegistryPut {
-        info: ServiceInfo,
+        entry: Box<SignedEntry>,
     },
-    RegistryDelete {
-        name: String,
+    /// Allocator → its instance's sidecar, at start and every cull round: here are
+    /// your renewed credentials (if any); how long since you last served a request?
+    IdleQuery {
+        credentials: Option<Box<Credentials>>,
     },
-    /// Allocator → instance sidecar: how long since you last served a request?
-    IdleQuery,
     /// An RTT probe, for transports without one of their own.
     Ping {
         nonce: u64,
@@ -55,14 +60,17 @@ pub enum Response {
     Refused {
         reason: String,
     },
-    /// `RegistryGet`: the entry, or `None` when no such service is registered.
-    Service {
-        info: Option<ServiceInfo>,
+    /// `RegistryGet`: the signed entry (a removal is a signed entry without info),
+    /// or `None` when the registry holds nothing under that name.
+    Entry {
+        entry: Option<Box<SignedEntry>>,
     },
-    Services {
-        infos: Vec<ServiceInfo>,
+    /// `RegistryList`: a page of entries; `next` is where the next page starts.
+    Entries {
+        entries: Vec<SignedEntry>,
+        next: Option<String>,
     },
-    /// `RegistryPut` / `RegistryDelete` done.
+    /// `RegistryPut` done.
     Done,
     /// `IdleQuery`: whole seconds since the last served request.
     Idle {
@@ -91,10 +99,11 @@ pub struct TunnelHello {
     pub service: String,
 }
 
-/// The instance proxy's answer to a [`TunnelHello`]; HTTP follows only after `Ok`.
+/// The instance proxy's answer to a [`TunnelHello`]; HTTP follows only after `Ok`,
+/// and only once the client has verified the credentials it carries.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TunnelAck {
-    Ok,
+    Ok { credentials: Option<Credentials> },
     Rejected { reason: String },
 }
 
@@ -185,7 +194,8 @@ pub fn decode<T: DeserializeOwned>(buf: &[u8]) -> Result<Option<(T, usize)>, Wir
 mod tests {
     use super::*;
     use crate::perf::{PerfLimits, Requirements};
-    use crate::types::{ContentHash, PeerId, RunSpec};
+    use crate::trust::{Grant, Issuer, SecretKey};
+    use crate::types::{ContentHash, PeerId, RunSpec, ServiceInfo};
     use proptest::prelude::*;
     use std::fmt::Debug;
     use std::time::Duration;
@@ -201,8 +211,12 @@ mod tests {
 
     fn arb_info() -> impl Strategy<Value = ServiceInfo> {
         let run = prop_oneof![
-            (arb_string(), proptest::collection::vec(arb_string(), 0..4))
-                .prop_map(|(program, args)| RunSpec::Exec { program, args }),
+            (
+                arb_string(),
+                proptest::collection::vec(arb_string(), 0..4),
+                proptest::collection::vec((arb_string(), arb_string()), 0..2)
+            )
+                .prop_map(|(program, args, env)| RunSpec::Exec { program, args, env }),
             arb_string().prop_map(|image| RunSpec::Image { image }),
         ];
         (arb_string(), arb_string(), run, arb_limits(), arb_limits(), any::<u32>(), any::<u32>(), any::<bool>())
@@ -217,6 +231,26 @@ mod tests {
             })
     }
 
+    fn arb_entry() -> impl Strategy<Value = SignedEntry> {
+        (arb_string(), any::<u64>(), proptest::option::of(arb_info()), any::<u8>()).prop_map(
+            |(name, version, info, k)| SignedEntry::sign(name, version, info, &SecretKey::from_bytes([k; 32])),
+        )
+    }
+
+    fn arb_credentials() -> impl Strategy<Value = Credentials> {
+        (arb_string(), arb_string(), any::<u64>(), any::<bool>()).prop_map(|(instance, hash, not_after, granted)| {
+            let key = SecretKey::from_bytes([7; 32]);
+            let issuer = match granted {
+                true => {
+                    let grant = Grant::sign(PeerId("a".into()), key.public(), &SecretKey::from_bytes([1; 32]));
+                    Issuer::allocator(key, grant).unwrap()
+                }
+                false => Issuer::operator(key),
+            };
+            issuer.issue(PeerId(instance), ContentHash(hash), not_after)
+        })
+    }
+
     fn arb_peer_addr() -> impl Strategy<Value = PeerAddr> {
         (arb_string(), proptest::collection::vec(arb_string(), 0..4))
             .prop_map(|(peer, addrs)| PeerAddr { peer: PeerId(peer), addrs })
@@ -226,10 +260,10 @@ mod tests {
         prop_oneof![
             arb_string().prop_map(|service| Request::Allocate { service }),
             arb_string().prop_map(|name| Request::RegistryGet { name }),
-            Just(Request::RegistryList),
-            arb_info().prop_map(|info| Request::RegistryPut { info }),
-            arb_string().prop_map(|name| Request::RegistryDelete { name }),
-            Just(Request::IdleQuery),
+            proptest::option::of(arb_string()).prop_map(|after| Request::RegistryList { after }),
+            arb_entry().prop_map(|entry| Request::RegistryPut { entry: Box::new(entry) }),
+            proptest::option::of(arb_credentials().prop_map(Box::new))
+                .prop_map(|credentials| Request::IdleQuery { credentials }),
             any::<u64>().prop_map(|nonce| Request::Ping { nonce }),
         ]
     }
@@ -238,8 +272,9 @@ mod tests {
         prop_oneof![
             arb_peer_addr().prop_map(|instance| Response::Allocated { instance }),
             arb_string().prop_map(|reason| Response::Refused { reason }),
-            proptest::option::of(arb_info()).prop_map(|info| Response::Service { info }),
-            proptest::collection::vec(arb_info(), 0..4).prop_map(|infos| Response::Services { infos }),
+            proptest::option::of(arb_entry().prop_map(Box::new)).prop_map(|entry| Response::Entry { entry }),
+            (proptest::collection::vec(arb_entry(), 0..4), proptest::option::of(arb_string()))
+                .prop_map(|(entries, next)| Response::Entries { entries, next }),
             Just(Response::Done),
             any::<u64>().prop_map(|seconds| Response::Idle { seconds }),
             any::<u64>().prop_map(|nonce| Response::Pong { nonce }),
@@ -263,7 +298,10 @@ mod tests {
     }
 
     fn arb_ack() -> impl Strategy<Value = TunnelAck> {
-        prop_oneof![Just(TunnelAck::Ok), arb_string().prop_map(|reason| TunnelAck::Rejected { reason })]
+        prop_oneof![
+            proptest::option::of(arb_credentials()).prop_map(|credentials| TunnelAck::Ok { credentials }),
+            arb_string().prop_map(|reason| TunnelAck::Rejected { reason }),
+        ]
     }
 
     /// encode → decode is the identity, consumes exactly the frame (also when more
@@ -442,7 +480,7 @@ mod tests {
 
     #[test]
     fn a_bad_duration_is_malformed_not_a_panic() {
-        // RegistryPut (variant 3) of a ServiceInfo whose soft RTT has u64::MAX seconds and
+        // A RegistryPut of a ServiceInfo whose soft RTT has u64::MAX seconds and
         // 2e9 nanoseconds: normalising it would overflow.
         let info = ServiceInfo {
             name: "a".into(),
@@ -456,7 +494,8 @@ mod tests {
             memory_mb: 0,
             stateful: false,
         };
-        let good = encode(&Request::RegistryPut { info }).unwrap();
+        let entry = SignedEntry::sign("a".into(), 1, Some(info), &SecretKey::from_bytes([1; 32]));
+        let good = encode(&Request::RegistryPut { entry: Box::new(entry) }).unwrap();
         // Re-encode the nanos field (a varint 0, just after the secs varint).
         let secs = postcard::to_allocvec(&u64::MAX).unwrap();
         let at = good.windows(secs.len() + 1).position(|w| w[..secs.len()] == secs[..] && w[secs.len()] == 0).unwrap();

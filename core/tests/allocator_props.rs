@@ -5,6 +5,7 @@ use physarum_core::allocator::{Allocator, AllocatorInput, AllocatorOutput};
 use physarum_core::config::AllocatorConfig;
 use physarum_core::perf::Requirements;
 use physarum_core::time::Instant;
+use physarum_core::trust::{Grant, Issuer, Operators, SecretKey, TrustConfig};
 use physarum_core::types::{ContentHash, InboundId, InstanceId, PeerAddr, PeerId, RunSpec, ServiceInfo};
 use physarum_core::wire::Response;
 use proptest::prelude::*;
@@ -28,7 +29,17 @@ fn config() -> AllocatorConfig {
         idle_limit: Duration::from_secs(60),
         start_timeout: Duration::from_secs(30),
         idle_query_timeout: Duration::from_secs(5),
+        exec_roots: Vec::new(),
     }
+}
+
+/// A granted allocator's trust settings (its instances get credentials).
+fn granted() -> TrustConfig {
+    let key = SecretKey::from_bytes([7; 32]);
+    let grant = Grant::sign(PeerId("alloc".into()), key.public(), &SecretKey::from_bytes([1; 32]));
+    let mut t = TrustConfig::new(Operators::new(vec![SecretKey::from_bytes([1; 32]).public()]), 0);
+    t.issuer = Some(Issuer::allocator(key, grant).unwrap());
+    t
 }
 
 fn service_name(i: usize) -> &'static str {
@@ -105,7 +116,7 @@ struct Harness {
 impl Harness {
     fn new() -> Self {
         Harness {
-            a: Allocator::new(config(), Instant::ZERO),
+            a: Allocator::new(config(), granted(), Instant::ZERO),
             now: Instant::ZERO,
             next_id: 0,
             requests: BTreeMap::new(),
@@ -163,9 +174,15 @@ impl Harness {
                     prop_assert!(self.started.contains_key(instance), "stop of unknown {:?}", instance);
                     self.starts.retain(|i| i != instance);
                 }
-                AllocatorOutput::QueryIdle { token, peer, .. } => {
+                AllocatorOutput::QueryIdle { token, peer, credentials, .. } => {
                     let asked = self.up_peers.iter().find(|(_, p)| *p == peer).map(|(i, _)| *i);
                     prop_assert!(asked.is_some(), "idle query to {:?}", peer);
+                    let hash = &self.started[&asked.unwrap()].hash;
+                    let valid = credentials.as_ref().is_some_and(|c| {
+                        let ops = Operators::new(vec![SecretKey::from_bytes([1; 32]).public()]);
+                        ops.verify_credentials(c, &peer.peer, hash, 0).is_ok()
+                    });
+                    prop_assert!(valid, "idle query to {:?} without valid credentials", peer);
                     self.queries.push((*token, asked.unwrap()));
                 }
                 AllocatorOutput::Event(_) => {}
@@ -259,12 +276,18 @@ impl Harness {
             Op::Idle(i, result) => {
                 if !self.queries.is_empty() {
                     let (token, instance) = self.queries.remove(i.index(self.queries.len()));
-                    let listed_before = self.a.instances().any(|v| v.instance == instance);
+                    let view = self.a.instances().find(|v| v.instance == instance);
+                    let listed_before = view.is_some();
+                    // The first query carries the instance's credentials: any answer means it took them.
+                    let certifying = view.is_some_and(|v| v.peer.is_none());
                     let answer = result.ok_or_else(|| "garbage: \"NaN\"".to_string());
                     self.input(AllocatorInput::IdleAnswer { token, result: answer })?;
                     let listed_after = self.a.instances().any(|v| v.instance == instance);
                     // Idle up to the limit: kept; over it, or no sensible answer: culled.
-                    let keep = result.is_some_and(|secs| secs <= config().idle_limit.as_secs());
+                    let keep = match certifying {
+                        true => result.is_some(),
+                        false => result.is_some_and(|secs| secs <= config().idle_limit.as_secs()),
+                    };
                     prop_assert_eq!(listed_after, listed_before && keep, "idle answer {:?}", result);
                 }
             }
@@ -340,6 +363,9 @@ fn storm_during_boot_starts_once() {
     let instance = h.starts[0];
     h.up_peers.insert(instance, peer_of(instance));
     h.input(AllocatorInput::InstanceStarted { instance, peer: peer_of(instance) }).unwrap();
+    assert!(h.replied.is_empty(), "nobody hears of the instance before it holds its credentials");
+    let (token, _) = h.queries.pop().expect("the certifying query");
+    h.input(AllocatorInput::IdleAnswer { token, result: Ok(0) }).unwrap();
     assert_eq!(h.replied.len(), 20);
     assert!(h.replied.values().all(|r| *r == Response::Allocated { instance: peer_of(instance) }));
 }

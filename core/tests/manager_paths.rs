@@ -277,3 +277,66 @@ fn persistent_soft_violation_switches_to_a_better_instance_after_the_grace() {
     let later = w.request("svc", secs(5));
     assert_eq!(w.routed_to(later).as_deref(), Some("i2"), "served from the cache by the new instance");
 }
+
+#[test]
+fn an_untrusted_instance_is_evicted_never_probed_again_and_refused_from_allocators() {
+    let svc = service("svc", 50, 100);
+    let mut w = World::new([&svc]);
+    w.add_instance(&svc, "rogue", ms(1));
+    w.add_instance(&svc, "good", ms(5));
+    let first = w.request("svc", secs(5));
+    w.run_for(secs(1));
+    assert_eq!(w.routed_to(first).as_deref(), Some("rogue"), "the fastest answer wins the discovery");
+    // The runtime found no valid credentials on its tunnel.
+    let reason = "no instance certificate".to_string();
+    w.input(Input::Untrusted { service: svc.hash.clone(), peer: PeerId("rogue".into()), reason });
+    let probes_before = w.count(|o| matches!(o, Output::Probe { peer, .. } if peer.peer.0 == "rogue"));
+    let second = w.request("svc", secs(5));
+    w.run_for(secs(3));
+    assert_eq!(w.routed_to(second).as_deref(), Some("good"));
+    let probes_after = w.count(|o| matches!(o, Output::Probe { peer, .. } if peer.peer.0 == "rogue"));
+    assert_eq!(probes_after, probes_before, "the untrusted peer is not probed again");
+    assert!(w.events().iter().any(|e| matches!(e, Event::Untrusted { peer, .. } if peer.0 == "rogue")));
+
+    // An allocator that hands back the untrusted peer is treated as a refusal.
+    let mut w = World::new([&svc]);
+    w.input(Input::Untrusted { service: svc.hash.clone(), peer: PeerId("rogue".into()), reason: "x".into() });
+    w.add_allocator(
+        "bad-alloc",
+        ms(1),
+        AllocatorBehaviour::Start { instance: peer("rogue"), rtt: ms(1), in_dht: false },
+    );
+    w.add_allocator("alloc", ms(4), AllocatorBehaviour::Start { instance: peer("fresh"), rtt: ms(4), in_dht: false });
+    let req = w.request("svc", secs(5));
+    w.run_for(secs(3));
+    assert_eq!(w.routed_to(req).as_deref(), Some("fresh"));
+    assert!(w.events().iter().any(|e| matches!(e, Event::AllocationRefused { allocator, reason, .. }
+        if allocator.0 == "bad-alloc" && reason.contains("failed the trust check"))));
+}
+
+#[test]
+fn a_rogue_registry_is_skipped_and_its_forged_entry_never_used() {
+    let svc = service("svc", 50, 100);
+    let mut w = World::new([&svc]);
+    w.add_rogue_registry("rogue-registry");
+    w.add_instance(&svc, "i1", ms(5));
+    let req = w.request("svc", secs(5));
+    w.run_for(secs(2));
+    assert_eq!(w.routed_to(req).as_deref(), Some("i1"), "resolved through the real registry");
+    let asked_rogue = w.count(|o| matches!(o, Output::SendRequest { peer, .. } if peer.peer.0 == "rogue-registry"));
+    assert_eq!(asked_rogue, 1, "asked first, then skipped");
+
+    // With only the rogue registry there is no resolution at all, and the reason says why.
+    let mut w = World::new([&svc]);
+    w.providers.insert(DhtKey::Registry, vec![]);
+    w.add_rogue_registry("rogue-registry");
+    let req = w.request("svc", secs(5));
+    w.run_for(secs(2));
+    let (code, reason) = status(&w, req);
+    assert_eq!(code, 503);
+    assert!(reason.contains("not a configured operator"), "{reason}");
+    assert_eq!(
+        w.count(|o| matches!(o, Output::Probe { .. } | Output::FindProviders { key: DhtKey::Service(_), .. })),
+        0
+    );
+}

@@ -6,6 +6,7 @@
 //! an error (never silently replaced: that would change the daemon's identity).
 
 use libp2p::identity::Keypair;
+use physarum_core::trust::{PublicKey, SecretKey};
 use std::fmt;
 use std::fs;
 use std::io::Write;
@@ -130,6 +131,26 @@ pub fn peer_id_string(key: &Keypair) -> String {
     key.public().to_peer_id().to_base58()
 }
 
+/// The ed25519 signing key inside a key file's key pair: an allocator signs its
+/// instances' certificates with its identity, an operator signs with an operator key
+/// (a key file of the same format, `physarum keygen`).
+pub fn signing_key(key: &Keypair) -> Result<SecretKey, String> {
+    let ed = key.clone().try_into_ed25519().map_err(|_| "not an ed25519 key".to_string())?;
+    let secret: [u8; 32] = ed.secret().as_ref().try_into().map_err(|_| "malformed ed25519 secret".to_string())?;
+    Ok(SecretKey::from_bytes(secret))
+}
+
+/// The ed25519 public key a peer id carries (ed25519 peer ids embed their key), for
+/// granting an allocator known only by its peer id.
+pub fn public_key_of_peer(peer: &str) -> Result<PublicKey, String> {
+    let id: libp2p::PeerId = peer.parse().map_err(|e| format!("{peer:?} is not a peer id: {e}"))?;
+    let multihash = id.as_ref();
+    let public = libp2p::identity::PublicKey::try_decode_protobuf(multihash.digest())
+        .map_err(|_| format!("peer id {peer} does not embed its public key (not an ed25519 identity)"))?;
+    let ed = public.try_into_ed25519().map_err(|_| format!("peer id {peer} is not an ed25519 identity"))?;
+    Ok(PublicKey(ed.to_bytes()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,5 +226,13 @@ mod tests {
         let err = load_or_create(&dir).unwrap_err();
         assert!(matches!(err, KeyFileError::Io { op: "read", .. }), "{err:?}");
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_peer_id_names_the_public_key_its_signing_key_signs_with() {
+        let key = Keypair::generate_ed25519();
+        let public = public_key_of_peer(&peer_id_string(&key)).unwrap();
+        assert_eq!(signing_key(&key).unwrap().public(), public);
+        assert!(public_key_of_peer("not-a-peer").is_err());
     }
 }

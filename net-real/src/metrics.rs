@@ -110,6 +110,7 @@ pub struct Metrics {
     pub allocations: Family<ServiceLabels, Counter>,
     pub allocations_refused: Family<ServiceLabels, Counter>,
     pub evictions: Counter,
+    pub untrusted: Counter,
     pub switches: Counter,
     /// RTT probes by result, and the RTTs measured.
     pub probes: Family<ProbeLabels, Counter>,
@@ -158,6 +159,7 @@ impl Metrics {
             allocations: Family::default(),
             allocations_refused: Family::default(),
             evictions: Counter::default(),
+            untrusted: Counter::default(),
             switches: Counter::default(),
             probes: Family::default(),
             probe_rtt: rtt_histogram(),
@@ -197,6 +199,11 @@ impl Metrics {
         r.register("allocations", "Instances allocators started for this node", m.allocations.clone());
         r.register("allocations_refused", "Start requests allocators refused", m.allocations_refused.clone());
         r.register("evictions", "Peers dropped from the peer cache", m.evictions.clone());
+        r.register(
+            "untrusted_instances",
+            "Instances refused because they showed no valid credentials",
+            m.untrusted.clone(),
+        );
         r.register("switches", "Soft-violating instances replaced by better ones", m.switches.clone());
         r.register("probes", "RTT probes by result", m.probes.clone());
         r.register_with_unit("probe_rtt", "RTTs measured by probes", Unit::Seconds, m.probe_rtt.clone());
@@ -260,6 +267,9 @@ impl Metrics {
             }
             Event::Evicted { .. } => {
                 self.evictions.inc();
+            }
+            Event::Untrusted { .. } => {
+                self.untrusted.inc();
             }
             Event::SeekBetter { .. } => {}
             Event::Switched { .. } => {

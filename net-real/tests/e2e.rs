@@ -12,6 +12,7 @@ use hyper_util::rt::TokioIo;
 use libp2p::identity::Keypair;
 use physarum_core::config::NodeConfig;
 use physarum_core::perf::{PerfLimits, Requirements};
+use physarum_core::trust::{Issuer, Operators, SecretKey, SignedEntry, TrustConfig};
 use physarum_core::types::{ContentHash, RunSpec, ServiceInfo};
 use physarum_net_real::{Backoff, P2p, P2pOptions};
 use physarum_runtime::transport::TcpConnector;
@@ -38,11 +39,20 @@ fn requirements() -> Requirements {
     }
 }
 
+/// The operator every node of these clusters trusts.
+fn operator() -> SecretKey {
+    SecretKey::from_bytes([1; 32])
+}
+
+fn hello_entry() -> SignedEntry {
+    SignedEntry::sign("hello".into(), 1, Some(hello_info()), &operator())
+}
+
 fn hello_info() -> ServiceInfo {
     ServiceInfo {
         name: "hello".into(),
         hash: ContentHash("hello-hash".into()),
-        run: RunSpec::Exec { program: "hello".into(), args: vec![] },
+        run: RunSpec::Exec { program: "hello".into(), args: vec![], env: vec![] },
         requirements: Requirements::default(),
         cpu_millis: 0,
         memory_mb: 0,
@@ -53,6 +63,8 @@ fn hello_info() -> ServiceInfo {
 async fn start(bootstraps: Vec<libp2p::Multiaddr>, configure: impl FnOnce(&mut NodeConfig)) -> (P2p, NodeRuntime<P2p>) {
     let (p2p, inbound) = P2p::start(opts(bootstraps)).await.unwrap();
     let mut config = NodeConfig::new(p2p.local_peer(), requirements());
+    let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    config.trust = TrustConfig::new(Operators::new(vec![operator().public()]), unix);
     configure(&mut config);
     let rt = NodeRuntime::new(config, 7, p2p.clone(), inbound, RuntimeConfig::default());
     (p2p, rt)
@@ -155,11 +167,15 @@ async fn cluster() -> Cluster {
     let boots = boot.dial_addrs();
     let mut running: Vec<Running<P2p>> = Vec::new();
 
-    let (_r, reg) = start(boots.clone(), |c| c.registry = Some(vec![hello_info()])).await;
+    let (_r, reg) = start(boots.clone(), |c| c.registry = Some(vec![hello_entry()])).await;
     running.push(reg.spawn());
 
     let app = app().await;
-    let (instance, inst) = start(boots.clone(), |c| c.serve = Some("hello".into())).await;
+    let (instance, inst) = start(boots.clone(), |c| {
+        c.serve = Some("hello".into());
+        c.trust.issuer = Some(Issuer::operator(operator()));
+    })
+    .await;
     running.push(inst.with_app(TcpConnector(app)).spawn());
 
     let (client, rt) = start(boots.clone(), |_| {}).await;

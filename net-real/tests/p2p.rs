@@ -34,7 +34,7 @@ fn answer_requests(mut inbound: Inbound<TunnelStream>) -> Inbound<TunnelStream> 
     tokio::spawn(async move {
         while let Some(r) = requests.recv().await {
             let answer = match r.request {
-                Request::RegistryList => Response::Services { infos: vec![] },
+                Request::RegistryList { .. } => Response::Entries { entries: vec![], next: None },
                 other => Response::Error { reason: format!("unexpected {other:?}") },
             };
             let _ = r.reply.send(answer);
@@ -105,8 +105,9 @@ async fn requests_and_probes_round_trip() {
         let (x, xi) = node(vec![], None).await;
         let _xi = answer_requests(xi);
         let (y, _yi) = node(x.dial_addrs(), None).await;
-        let resp = y.send_request(x.peer_addr(), Request::RegistryList, Duration::from_secs(5)).await.unwrap();
-        assert_eq!(resp, Response::Services { infos: vec![] });
+        let resp =
+            y.send_request(x.peer_addr(), Request::RegistryList { after: None }, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(resp, Response::Entries { entries: vec![], next: None });
         let rtt = y.probe(x.peer_addr(), Duration::from_secs(2)).await.unwrap();
         assert!(rtt < Duration::from_secs(1), "{rtt:?}");
         // A peer that does not exist fails, within the timeout.
@@ -114,7 +115,10 @@ async fn requests_and_probes_round_trip() {
         let gone = ghost.peer_addr();
         drop(ghost);
         tokio::time::sleep(Duration::from_millis(100)).await; // let its listener close
-        let err = y.send_request(gone.clone(), Request::RegistryList, Duration::from_secs(5)).await.unwrap_err();
+        let err = y
+            .send_request(gone.clone(), Request::RegistryList { after: None }, Duration::from_secs(5))
+            .await
+            .unwrap_err();
         assert!(!err.is_empty());
         assert!(y.probe(gone, Duration::from_secs(2)).await.is_err());
     })

@@ -11,6 +11,7 @@ use physarum_core::config::{AllocatorConfig, NodeConfig};
 use physarum_core::io::Output;
 use physarum_core::perf::Requirements;
 use physarum_core::time::Instant;
+use physarum_core::trust::{Grant, Issuer, Operators, SecretKey, SignedEntry, TrustConfig};
 use physarum_core::types::{ContentHash, InstanceId, PeerAddr, PeerId, RunSpec, ServiceInfo};
 use physarum_runtime::transport::{inbound_channel, ExitSink, InstanceDriver, Observer};
 use physarum_runtime::{NodeRuntime, Running, RuntimeConfig};
@@ -32,6 +33,9 @@ pub const INSTANCE_PORT_BASE: u16 = 10_000;
 pub const INSTANCE_APP_PORT_BASE: u16 = 30_000;
 /// Instance ids above this are refused (the ports would run out).
 pub const MAX_INSTANCE_ID: u64 = 20_000;
+/// The simulated wall clock at the start of a run, in unix seconds (certificates
+/// expire in wall time).
+pub const SIM_UNIX_AT_ZERO: u64 = 1_800_000_000;
 
 /// One client request's fate.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -145,12 +149,36 @@ impl Ctx {
         })
     }
 
+    /// A key derived from the run's seed: the run's one operator (`"operator"`), an
+    /// allocator's identity (its name), or a rogue's (`"rogue"`).
+    pub fn key(&self, what: &str) -> SecretKey {
+        let mut h = Sha256::new();
+        h.update(self.seed.to_be_bytes());
+        h.update(b"key:");
+        h.update(what.as_bytes());
+        SecretKey::from_bytes(h.finalize().into())
+    }
+
+    /// Every scenario service's entry, as `signer` signed it.
+    fn signed_entries(&self, signer: &SecretKey, forge: bool) -> Vec<SignedEntry> {
+        let infos = self.scenario.services.iter().filter_map(|s| self.service_info(&s.name));
+        infos
+            .map(|mut info| {
+                if forge {
+                    info.run = RunSpec::Image { image: format!("evil/{}", info.name) };
+                }
+                SignedEntry::sign(info.name.clone(), 1, Some(info), signer)
+            })
+            .collect()
+    }
+
     fn node_config(&self, peer: &PeerId) -> NodeConfig {
         let d = self.scenario.defaults;
         let mut c = NodeConfig::new(
             peer.clone(),
             Requirements::rtt(Duration::from_millis(d.soft_ms), Duration::from_millis(d.hard_ms)),
         );
+        c.trust = TrustConfig::new(Operators::new(vec![self.key("operator").public()]), SIM_UNIX_AT_ZERO);
         c.manager.advertise_interval = Duration::from_millis(self.scenario.tuning.advertise_interval_ms);
         c.manager.soft_grace = Duration::from_millis(self.scenario.tuning.soft_grace_ms);
         c
@@ -226,7 +254,14 @@ pub async fn host_main(ctx: Rc<Ctx>, name: String) -> turmoil::Result {
     let mut parts = match &role {
         Role::Bootstrap => unreachable!("handled above"),
         Role::Registry => {
-            config.registry = Some(ctx.scenario.services.iter().filter_map(|s| ctx.service_info(&s.name)).collect());
+            config.registry = Some(ctx.signed_entries(&ctx.key("operator"), false));
+            start_node(&ctx, config, ep, physarum_runtime::NoDriver, None).await?
+        }
+        Role::RogueRegistry => {
+            // It stores (and so serves) only what the rogue key signed.
+            let rogue = ctx.key("rogue");
+            config.trust.operators = Operators::new(vec![rogue.public()]);
+            config.registry = Some(ctx.signed_entries(&rogue, true));
             start_node(&ctx, config, ep, physarum_runtime::NoDriver, None).await?
         }
         Role::Allocator(spec) => {
@@ -236,10 +271,17 @@ pub async fn host_main(ctx: Rc<Ctx>, name: String) -> turmoil::Result {
                 idle_limit: Duration::from_millis(spec.idle_limit_ms),
                 ..AllocatorConfig::default()
             });
+            let key = ctx.key(&name);
+            let grant = Grant::sign(peer.clone(), key.public(), &ctx.key("operator"));
+            config.trust.issuer = Some(Issuer::allocator(key, grant).map_err(|e| e.to_string())?);
             let driver = SimDriver { ctx: ctx.clone(), host: name.clone(), incarnation, instances: Default::default() };
             start_node(&ctx, config, ep, driver, None).await?
         }
-        Role::Service { service } => {
+        Role::Service { service } | Role::RogueService { service } => {
+            // A statically deployed instance is certified by the operator; an impostor
+            // by a key of its own.
+            let signer = if matches!(role, Role::Service { .. }) { "operator" } else { "rogue" };
+            config.trust.issuer = Some(Issuer::operator(ctx.key(signer)));
             config.serve = Some(service.clone());
             extra.0.push(tokio::task::spawn_local(run_app(APP_PORT, name.clone())));
             start_node(&ctx, config, ep, physarum_runtime::NoDriver, Some(APP_PORT)).await?
@@ -356,7 +398,11 @@ impl InstanceDriver for SimDriver {
         }
         self.instances.borrow_mut().insert(instance, Slot::Starting);
         let peer = self.peer_of(instance);
-        self.ctx.trace.here(&self.host, Kind::Driver(format!("boot {peer} {}", service.name)));
+        let what = match &service.run {
+            RunSpec::Image { image } => image.clone(),
+            RunSpec::Exec { program, .. } => program.clone(),
+        };
+        self.ctx.trace.here(&self.host, Kind::Driver(format!("boot {peer} {} {what}", service.name)));
         let delay = self.ctx.boot_delays.borrow().get(&self.host).copied().unwrap_or_default();
         tokio::time::sleep(delay).await;
         if !matches!(self.instances.borrow().get(&instance), Some(Slot::Starting)) {

@@ -116,6 +116,13 @@ pub enum Role {
     Service { service: String },
     /// An anonymous proxy with a client application (the workloads naming it).
     Client,
+    /// An impostor: a sidecar and application that advertise `service`'s hash and
+    /// serve it, certified by a key that is not an operator's.
+    RogueService { service: String },
+    /// A node that advertises the registry key and answers with entries for every
+    /// scenario service that run something else, signed by a key that is not an
+    /// operator's.
+    RogueRegistry,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -423,7 +430,7 @@ impl Scenario {
             if !names.insert(n.name.as_str()) {
                 return err(format!("node {:?} is declared twice", n.name));
             }
-            if let Role::Service { service } = &n.role {
+            if let Role::Service { service } | Role::RogueService { service } = &n.role {
                 if self.service(service).is_none() {
                     return err(format!("node {:?} serves unknown service {service:?}", n.name));
                 }
@@ -669,6 +676,14 @@ impl ScenarioBuilder {
 
     pub fn client(self, name: &str) -> Self {
         self.node(name, Role::Client)
+    }
+
+    pub fn rogue_service(self, name: &str, service: &str) -> Self {
+        self.node(name, Role::RogueService { service: service.into() })
+    }
+
+    pub fn rogue_registry(self, name: &str) -> Self {
+        self.node(name, Role::RogueRegistry)
     }
 
     pub fn link(mut self, a: &str, b: &str, rtt_ms: f64) -> Self {

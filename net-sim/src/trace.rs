@@ -128,6 +128,7 @@ pub fn event_text(e: &Event) -> String {
             format!("allocation-refused {service} by={allocator} {reason}")
         }
         Event::Evicted { service, peer, reason } => format!("evicted {service} {peer} {reason}"),
+        Event::Untrusted { service, peer, reason } => format!("untrusted {service} {peer} {reason}"),
         Event::SeekBetter { service, peer } => format!("seek-better {service} {peer}"),
         Event::Switched { service, from, to } => format!("switched {service} {from} -> {to}"),
         Event::Probed { peer, rtt } => match rtt {

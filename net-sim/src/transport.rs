@@ -587,10 +587,15 @@ mod tests {
             assert!(none.is_empty());
             let rtt = tr.probe(found[0].clone(), Duration::from_secs(1)).await?;
             assert!(rtt >= Duration::from_millis(6) && rtt <= Duration::from_millis(8), "rtt {rtt:?}");
-            let r = tr.send_request(found[0].clone(), Request::IdleQuery, Duration::from_secs(1)).await?;
+            let r = tr
+                .send_request(found[0].clone(), Request::IdleQuery { credentials: None }, Duration::from_secs(1))
+                .await?;
             assert_eq!(r, Response::Idle { seconds: 3 });
             let gone = PeerAddr::new("x", vec!["nohost:1".into()]);
-            assert!(tr.send_request(gone, Request::IdleQuery, Duration::from_secs(1)).await.is_err());
+            assert!(tr
+                .send_request(gone, Request::IdleQuery { credentials: None }, Duration::from_secs(1))
+                .await
+                .is_err());
             // Records expire (TTL 5 s) when not re-advertised.
             sleep(Duration::from_secs(6)).await;
             assert!(tr.find_providers(key, Duration::from_secs(1)).await?.is_empty());

@@ -10,11 +10,14 @@ use hyper::body::Incoming;
 use hyper::http::uri::{InvalidUri, PathAndQuery};
 use hyper::{Request, Response, Uri};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use physarum_core::io::Outcome;
+use physarum_core::io::{Input, Outcome};
 use physarum_core::types::{ContentHash, PeerAddr};
 use std::convert::Infallible;
 use std::rc::Rc;
 use std::time::Duration;
+
+/// How many instances failing the trust check one request may skip before it fails.
+const MAX_UNTRUSTED_PER_REQUEST: usize = 4;
 
 pub(crate) struct FrontCtx<T: Transport> {
     pub handle: NodeHandle,
@@ -93,7 +96,10 @@ async fn route<T: Transport>(ctx: &FrontCtx<T>, mut req: Request<Incoming>) -> (
     // A cached instance that died is only noticed when its tunnel cannot be opened;
     // the request is still untouched then, so the core is asked once more (it has
     // evicted the peer and finds or allocates another) rather than failing the client.
+    // An instance that fails the trust check never saw the request either: the core
+    // bans it and is asked again, a few times (several rogue providers may answer).
     let mut retried = false;
+    let mut untrusted_left = MAX_UNTRUSTED_PER_REQUEST;
     loop {
         let (instance, hash) = match decide(ctx, &service, deadline).await {
             Ok(route) => route,
@@ -102,9 +108,23 @@ async fn route<T: Transport>(ctx: &FrontCtx<T>, mut req: Request<Incoming>) -> (
         // A tunnel whose connection died silently (partition, host gone without a
         // RST) never errors: bound the wait, and drop the stream with the future so
         // it never returns to the pool.
-        match tokio::time::timeout_at(deadline, ctx.pool.send(&instance, &service, req)).await {
+        match tokio::time::timeout_at(deadline, ctx.pool.send(&instance, &service, &hash, req)).await {
             Ok(Ok(resp)) => return (service, resp),
-            Ok(Err(SendFailure { reason, unsent })) => {
+            Ok(Err(SendFailure { reason, unsent: Some(back), untrusted: true })) => {
+                tracing::warn!(%service, peer = %instance.peer, %reason, "instance failed the trust check; not routing to it");
+                ctx.handle.feed(Input::Untrusted {
+                    service: hash,
+                    peer: instance.peer.clone(),
+                    reason: reason.clone(),
+                });
+                untrusted_left -= 1;
+                if untrusted_left == 0 {
+                    let msg = format!("no trusted instance of {service}: {} {reason}", instance.peer);
+                    return (service, text_response(502, msg));
+                }
+                req = back;
+            }
+            Ok(Err(SendFailure { reason, unsent, .. })) => {
                 ctx.handle.route_failed(hash, instance.peer.clone(), reason.clone());
                 match unsent {
                     Some(back) if !retried => {

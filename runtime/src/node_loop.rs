@@ -13,7 +13,7 @@ use crate::transport::{
     Connector, ExitSink, Inbound, InboundRequest, InstanceDriver, Listener, NetEvent, NoApp, NoDriver, Observer,
     Transport,
 };
-use crate::tunnel::{self, TunnelPool};
+use crate::tunnel::{self, CredentialsCell, TunnelPool};
 use physarum_core::config::NodeConfig;
 use physarum_core::io::{Input, OpResult, Outcome, Output};
 use physarum_core::time::Instant;
@@ -185,15 +185,19 @@ impl<T: Transport, D: InstanceDriver, C: Connector> NodeRuntime<T, D, C> {
         let handle = NodeHandle { cmd: cmd_tx, local };
         let Inbound { requests, tunnels, events } = self.inbound;
         let serve = self.node_config.serve.clone();
-        let pool = Rc::new(TunnelPool::new(self.transport.clone(), &self.config));
+        let start = tokio::time::Instant::now();
+        let mut verifier = self.node_config.trust.clone();
+        verifier.issuer = None;
+        let pool = Rc::new(TunnelPool::new(self.transport.clone(), &self.config, verifier, start));
+        let credentials = CredentialsCell::default();
         let tunnel_task = tokio::task::spawn_local(tunnel::serve_tunnels(
             tunnels,
             serve,
             self.app,
             handle.clone(),
+            credentials.clone(),
             self.config.tunnel_hello_timeout,
         ));
-        let start = tokio::time::Instant::now();
         let node = Node::new(self.node_config, self.seed, Instant::ZERO);
         let (ops_tx, ops_rx) = mpsc::unbounded_channel();
         let (local_tx, local_rx) = mpsc::unbounded_channel();
@@ -205,6 +209,7 @@ impl<T: Transport, D: InstanceDriver, C: Connector> NodeRuntime<T, D, C> {
             driver: Rc::new(self.driver),
             observer: self.observer.clone(),
             config: self.config.clone(),
+            credentials,
             ops_tx,
             local_tx,
             exits: exit_tx,
@@ -275,6 +280,7 @@ struct LoopState<T: Transport, D: InstanceDriver> {
     driver: Rc<D>,
     observer: Rc<dyn Observer>,
     config: RuntimeConfig,
+    credentials: CredentialsCell,
     ops_tx: mpsc::UnboundedSender<(OpId, OpResult)>,
     local_tx: mpsc::UnboundedSender<Input>,
     exits: ExitSink,
@@ -421,6 +427,7 @@ impl<T: Transport, D: InstanceDriver> LoopState<T, D> {
                 self.tasks.spawn_local(async move { driver.stop(instance).await });
             }
             Output::PersistRegistry { entries } => self.observer.persist_registry(entries),
+            Output::ServeCredentials { credentials } => *self.credentials.borrow_mut() = Some(credentials),
             Output::Event(event) => self.observer.event(now, &event),
         }
     }

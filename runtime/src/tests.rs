@@ -11,6 +11,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use physarum_core::io::{Input, Outcome};
+use physarum_core::trust::{Credentials, Issuer, Operators, SecretKey, SignedEntry, TrustConfig};
 use physarum_core::types::{ContentHash, DhtKey, PeerAddr, PeerId};
 use physarum_core::wire::{Request as WireRequest, Response as WireResponse};
 use std::cell::{Cell, RefCell};
@@ -126,25 +127,72 @@ async fn app(req: Request<Incoming>, gate: std::sync::Arc<tokio::sync::Notify>) 
     resp
 }
 
-/// Instance proxy "B" on `net`: serves `hello` by forwarding to the app at `app`.
-fn serve_hello_as_b(net: &FakeNet, app: SocketAddr) {
-    let (b_tx, b_rx) = mpsc::unbounded_channel();
-    net.peers.borrow_mut().insert("B".into(), b_tx);
-    let (b_handle, mut b_cmds) = NodeHandle::for_test(PeerId("B".into()));
-    tokio::task::spawn_local(async move { while b_cmds.recv().await.is_some() {} });
+/// The operator every test node trusts.
+fn operator() -> SecretKey {
+    SecretKey::from_bytes([1; 32])
+}
+
+fn trust() -> TrustConfig {
+    TrustConfig::new(Operators::new(vec![operator().public()]), 0)
+}
+
+/// Credentials for `peer` serving `hash`, signed by `by`.
+fn credentials(by: &SecretKey, peer: &str, hash: &str) -> Credentials {
+    Issuer::operator(by.clone()).issue(PeerId(peer.into()), ContentHash(hash.into()), u64::MAX)
+}
+
+fn new_pool(net: &FakeNet) -> Rc<TunnelPool<FakeNet>> {
+    Rc::new(TunnelPool::new(net.clone(), &RuntimeConfig::default(), trust(), tokio::time::Instant::now()))
+}
+
+/// Instance proxy `peer` on `net`: serves `service` by forwarding to `app`, showing `creds`.
+fn serve_as<C: crate::transport::Connector>(
+    net: &FakeNet,
+    peer: &str,
+    service: &str,
+    app: C,
+    creds: Option<Credentials>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    net.peers.borrow_mut().insert(peer.into(), tx);
+    let (handle, mut cmds) = NodeHandle::for_test(PeerId(peer.into()));
+    tokio::task::spawn_local(async move { while cmds.recv().await.is_some() {} });
+    let cell = Rc::new(RefCell::new(creds));
     tokio::task::spawn_local(tunnel::serve_tunnels(
-        b_rx,
-        Some("hello".into()),
-        TcpConnector(app),
-        b_handle,
+        rx,
+        Some(service.into()),
+        app,
+        handle,
+        cell,
         Duration::from_secs(5),
     ));
+}
+
+/// Instance proxy "B" on `net`: serves `hello` by forwarding to the app at `app`.
+fn serve_hello_as_b(net: &FakeNet, app: SocketAddr) {
+    serve_as(net, "B", "hello", TcpConnector(app), Some(credentials(&operator(), "B", "hash-hello")));
+}
+
+/// Connects to the app at a fixed address, counting the connections it makes.
+#[derive(Clone)]
+struct CountingConnector(SocketAddr, Rc<Cell<usize>>);
+
+impl crate::transport::Connector for CountingConnector {
+    type Conn = TcpStream;
+    async fn connect(&self) -> std::io::Result<TcpStream> {
+        self.1.set(self.1.get() + 1);
+        TcpStream::connect(self.0).await
+    }
 }
 
 struct Harness {
     front: SocketAddr,
     net: FakeNet,
     route_failures: Rc<RefCell<Vec<(PeerId, String)>>>,
+    /// Peers reported to the core as untrusted.
+    untrusted: Rc<RefCell<Vec<PeerId>>>,
+    /// Connections the impostors made to their application (they must make none).
+    impostor_app_connections: Rc<Cell<usize>>,
     gate: std::sync::Arc<tokio::sync::Notify>,
     pool: Rc<TunnelPool<FakeNet>>,
     /// When set, the next `hello` is routed to a peer that no longer exists (a cached
@@ -160,10 +208,27 @@ async fn harness() -> Harness {
     let app_addr = start_app(gate.clone()).await;
     let net = FakeNet::default();
     serve_hello_as_b(&net, app_addr);
+    // Impostors of the service with hash `hash-hello` (named `impostors` in the path):
+    // no credentials, a stranger's, and B's (copied) credentials; B2 is genuine.
+    let impostor_app_connections = Rc::new(Cell::new(0));
+    let stranger = SecretKey::from_bytes([66; 32]);
+    let impostors = [
+        ("bare", None),
+        ("self-signed", Some(credentials(&stranger, "self-signed", "hash-hello"))),
+        ("copycat", Some(credentials(&operator(), "B", "hash-hello"))),
+    ];
+    for (name, creds) in impostors {
+        serve_as(&net, name, "impostors", CountingConnector(app_addr, impostor_app_connections.clone()), creds);
+    }
+    let genuine = Some(credentials(&operator(), "B2", "hash-hello"));
+    serve_as(&net, "B2", "impostors", TcpConnector(app_addr), genuine);
 
     let (a_handle, mut a_cmds) = NodeHandle::for_test(PeerId("A".into()));
     let route_failures = Rc::new(RefCell::new(Vec::new()));
     let failures = route_failures.clone();
+    let untrusted = Rc::new(RefCell::new(Vec::new()));
+    let untrusted_seen = untrusted.clone();
+    let mut impostor_turn = 0;
     let next_hello_to_dead = Rc::new(Cell::new(false));
     let to_dead = next_hello_to_dead.clone();
     tokio::task::spawn_local(async move {
@@ -176,6 +241,15 @@ async fn harness() -> Harness {
                     };
                     let outcome = match service.as_str() {
                         "hello" if to_dead.replace(false) => to("dead"),
+                        // The core offers each impostor in turn, then the real instance.
+                        "impostors" => {
+                            impostor_turn += 1;
+                            let peer = ["bare", "self-signed", "copycat"].get(impostor_turn - 1).unwrap_or(&"B2");
+                            Outcome::Route {
+                                instance: PeerAddr::new(*peer, vec![]),
+                                service: ContentHash("hash-hello".into()),
+                            }
+                        }
                         "hello" | "wrong" => to("B"),
                         "ghost" => to("nobody"),
                         _ => Outcome::Fail { status: 404, reason: format!("unknown service {service}") },
@@ -183,11 +257,12 @@ async fn harness() -> Harness {
                     let _ = reply.send(outcome);
                 }
                 Command::Input(Input::RouteFailed { peer, reason, .. }) => failures.borrow_mut().push((peer, reason)),
+                Command::Input(Input::Untrusted { peer, .. }) => untrusted_seen.borrow_mut().push(peer),
                 Command::Input(_) => {}
             }
         }
     });
-    let pool = Rc::new(TunnelPool::new(net.clone(), &RuntimeConfig::default()));
+    let pool = new_pool(&net);
     let ctx = Rc::new(FrontCtx {
         handle: a_handle,
         pool: pool.clone(),
@@ -197,7 +272,7 @@ async fn harness() -> Harness {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let front = listener.local_addr().unwrap();
     tokio::task::spawn_local(front::serve(listener, ctx));
-    Harness { front, net, route_failures, gate, pool, next_hello_to_dead }
+    Harness { front, net, route_failures, untrusted, impostor_app_connections, gate, pool, next_hello_to_dead }
 }
 
 async fn client(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<AppBody> {
@@ -372,9 +447,10 @@ fn an_unreachable_application_is_a_502_from_the_instance() {
         drop(l);
         let net = FakeNet::default();
         serve_hello_as_b(&net, dead);
-        let pool = Rc::new(TunnelPool::new(net.clone(), &RuntimeConfig::default()));
+        let pool = new_pool(&net);
         let req = Request::get("/x").body(empty_incoming().await).unwrap();
-        let resp = pool.send(&PeerAddr::new("B", vec![]), "hello", req).await.unwrap();
+        let resp =
+            pool.send(&PeerAddr::new("B", vec![]), "hello", &ContentHash("hash-hello".into()), req).await.unwrap();
         assert_eq!(resp.status(), 502);
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert!(String::from_utf8_lossy(&body).contains("cannot reach the service"));
@@ -421,14 +497,16 @@ fn the_node_loop_runs_the_core_answers_peers_and_executes_outputs() {
         let info = ServiceInfo {
             name: "hello".into(),
             hash: ContentHash("h1".into()),
-            run: RunSpec::Exec { program: "hello".into(), args: vec![] },
+            run: RunSpec::Exec { program: "hello".into(), args: vec![], env: vec![] },
             requirements: Requirements::default(),
             cpu_millis: 0,
             memory_mb: 0,
             stateful: false,
         };
         let mut config = NodeConfig::new(PeerId("A".into()), Requirements::default());
-        config.registry = Some(vec![info.clone()]);
+        let entry = SignedEntry::sign("hello".into(), 1, Some(info), &operator());
+        config.registry = Some(vec![entry.clone()]);
+        config.trust = trust();
         let running = NodeRuntime::new(config, 1, net.clone(), inbound, RuntimeConfig::default()).spawn();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while !net.advertised.borrow().contains(&DhtKey::Registry) {
@@ -438,7 +516,7 @@ fn the_node_loop_runs_the_core_answers_peers_and_executes_outputs() {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let request = WireRequest::RegistryGet { name: "hello".into() };
         senders.requests.send(InboundRequest { from: PeerId("B".into()), request, reply }).unwrap();
-        assert_eq!(answer.await.unwrap(), WireResponse::Service { info: Some(info) });
+        assert_eq!(answer.await.unwrap(), WireResponse::Entry { entry: Some(Box::new(entry)) });
         let before = net.advertised.borrow().len();
         senders.events.send(NetEvent::BootstrapConnected).unwrap();
         while net.advertised.borrow().len() == before {
@@ -487,7 +565,9 @@ impl Transport for ScriptedNet {
     }
     async fn send_request(&self, _: PeerAddr, request: WireRequest, _: Duration) -> Result<WireResponse, String> {
         match request {
-            WireRequest::RegistryGet { .. } => Ok(WireResponse::Service { info: self.info.borrow().clone() }),
+            WireRequest::RegistryGet { name } => Ok(WireResponse::Entry {
+                entry: self.info.borrow().clone().map(|i| Box::new(SignedEntry::sign(name, 1, Some(i), &operator()))),
+            }),
             other => Err(format!("unexpected {other:?}")),
         }
     }
@@ -510,7 +590,7 @@ fn routing_to_a_cached_peer_does_not_wait_behind_a_probe() {
         *net.info.borrow_mut() = Some(ServiceInfo {
             name: "hello".into(),
             hash: ContentHash("h1".into()),
-            run: RunSpec::Exec { program: "hello".into(), args: vec![] },
+            run: RunSpec::Exec { program: "hello".into(), args: vec![], env: vec![] },
             requirements: Requirements::default(),
             cpu_millis: 0,
             memory_mb: 0,
@@ -521,7 +601,8 @@ fn routing_to_a_cached_peer_does_not_wait_behind_a_probe() {
             soft: PerfLimits::rtt(Duration::from_millis(100)),
             hard: PerfLimits::rtt(Duration::from_secs(30)),
         };
-        let config = NodeConfig::new(PeerId("A".into()), reqs);
+        let mut config = NodeConfig::new(PeerId("A".into()), reqs);
+        config.trust = trust();
         let running = NodeRuntime::new(config, 1, net.clone(), inbound, RuntimeConfig::default()).spawn();
         let handle = running.handle();
         let routed_to_b =
@@ -577,5 +658,22 @@ fn a_dead_cached_instance_is_evicted_and_the_request_served_by_the_next_choice()
         let failures = h.route_failures.borrow();
         let peers: Vec<&str> = failures.iter().map(|(p, _)| p.0.as_str()).collect();
         assert_eq!(peers, vec!["dead"], "the dead peer was reported for eviction");
+    });
+}
+
+#[test]
+fn instances_without_valid_credentials_never_see_a_request_byte() {
+    run(async {
+        let h = harness().await;
+        let mut c = client(h.front).await;
+        let resp = c.send_request(get("/impostors/secret?cookie=1")).await.unwrap();
+        let status = resp.status();
+        let body = text(resp).await;
+        assert_eq!(status, 200, "served by the real instance after the impostors were refused: {body}");
+        assert_eq!(body, "GET /secret?cookie=1 len=0 sum=0 secret=false kept=");
+        let untrusted: Vec<String> = h.untrusted.borrow().iter().map(|p| p.0.clone()).collect();
+        assert_eq!(untrusted, vec!["bare", "self-signed", "copycat"], "each impostor reported to the core");
+        assert_eq!(h.impostor_app_connections.get(), 0, "no impostor forwarded anything");
+        assert!(h.route_failures.borrow().is_empty());
     });
 }

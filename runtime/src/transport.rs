@@ -13,6 +13,7 @@
 
 use physarum_core::io::{Event, Input, Output};
 use physarum_core::time::Instant;
+use physarum_core::trust::SignedEntry;
 use physarum_core::types::{DhtKey, InstanceId, PeerAddr, PeerId, ServiceInfo};
 use physarum_core::wire::{Request, Response};
 use std::io;
@@ -216,7 +217,7 @@ pub trait Observer: 'static {
     /// The core reported `event` (also passed to `output`).
     fn event(&self, _now: Instant, _event: &Event) {}
     /// Registry role: persist the store's full contents.
-    fn persist_registry(&self, _entries: Vec<ServiceInfo>) {}
+    fn persist_registry(&self, _entries: Vec<SignedEntry>) {}
     /// The front end answered a client request for `service` with `status` after
     /// `took` (time to the response head; the body may still be streaming).
     fn request_finished(&self, _service: &str, _status: u16, _took: Duration) {}
@@ -235,7 +236,7 @@ impl<O: Observer> Observer for std::rc::Rc<O> {
     fn event(&self, now: Instant, event: &Event) {
         (**self).event(now, event)
     }
-    fn persist_registry(&self, entries: Vec<ServiceInfo>) {
+    fn persist_registry(&self, entries: Vec<SignedEntry>) {
         (**self).persist_registry(entries)
     }
     fn request_finished(&self, service: &str, status: u16, took: Duration) {

@@ -14,7 +14,10 @@
 //!   application, so no second pool is needed there;
 //! - the hello/ack exchange happens before any request byte is sent, so a stream that
 //!   libp2p-stream dropped silently on the far side is detected (no ack) while the
-//!   request is still intact, and the request is retried once on a fresh stream.
+//!   request is still intact, and the request is retried once on a fresh stream;
+//! - the ack carries the instance's credentials, checked (operator → allocator →
+//!   instance, for this peer and this service's hash) before the first request byte:
+//!   an instance that cannot show them never sees a request.
 
 use crate::http::{read_frame, strip_for_forwarding, strip_hop_by_hop, text_response, write_frame, ProxyBody};
 use crate::node_loop::{NodeHandle, RuntimeConfig};
@@ -23,7 +26,9 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self as client1, SendRequest};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use physarum_core::types::{PeerAddr, PeerId};
+use physarum_core::time::Instant;
+use physarum_core::trust::{Credentials, TrustConfig};
+use physarum_core::types::{ContentHash, PeerAddr, PeerId};
 use physarum_core::wire::{TunnelAck, TunnelHello};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -39,6 +44,18 @@ type Key = (PeerId, String);
 pub struct SendFailure {
     pub reason: String,
     pub unsent: Option<Request<Incoming>>,
+    /// The instance showed no valid credentials (nothing was sent to it).
+    pub untrusted: bool,
+}
+
+/// The credentials a service-mode node shows in its tunnel acks, as the core last
+/// handed them over (`Output::ServeCredentials`).
+pub(crate) type CredentialsCell = Rc<RefCell<Option<Credentials>>>;
+
+/// Why opening a tunnel failed.
+enum OpenFailure {
+    Unreachable(String),
+    Untrusted(String),
 }
 
 /// Client side: pooled tunnel streams to instance peers.
@@ -47,16 +64,41 @@ pub struct TunnelPool<T: Transport> {
     idle: RefCell<BTreeMap<Key, Vec<SendRequest<Incoming>>>>,
     max_idle: usize,
     open_timeout: Duration,
+    trust: TrustConfig,
+    /// The node loop's start, `Instant::ZERO` of the core's clock (certificates
+    /// expire in wall time; `trust` says how the two line up).
+    start: tokio::time::Instant,
 }
 
 impl<T: Transport> TunnelPool<T> {
-    pub fn new(transport: T, config: &RuntimeConfig) -> Self {
+    pub fn new(transport: T, config: &RuntimeConfig, trust: TrustConfig, start: tokio::time::Instant) -> Self {
         TunnelPool {
             transport,
             idle: RefCell::new(BTreeMap::new()),
             max_idle: config.max_idle_tunnels,
             open_timeout: config.tunnel_open_timeout,
+            trust,
+            start,
         }
+    }
+
+    /// Whether `ack` lets us send `peer` requests for the service with `hash`.
+    fn check_ack(&self, ack: TunnelAck, peer: &PeerId, hash: &ContentHash) -> Result<(), OpenFailure> {
+        let credentials = match ack {
+            TunnelAck::Ok { credentials: Some(c) } => c,
+            TunnelAck::Ok { credentials: None } => {
+                return Err(OpenFailure::Untrusted("the instance shows no credentials".into()))
+            }
+            TunnelAck::Rejected { reason } => {
+                return Err(OpenFailure::Unreachable(format!("tunnel rejected: {reason}")))
+            }
+        };
+        let now = Instant::from_micros(u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX));
+        let unix = self.trust.unix_secs(now);
+        self.trust
+            .operators
+            .verify_credentials(&credentials, peer, hash, unix)
+            .map_err(|e| OpenFailure::Untrusted(e.to_string()))
     }
 
     /// Idle streams currently pooled for `peer` and `service` (for tests and metrics).
@@ -90,23 +132,28 @@ impl<T: Transport> TunnelPool<T> {
         });
     }
 
-    /// Open a fresh stream to `peer` for `service`: open, hello, ack, HTTP/1 handshake.
-    async fn open(&self, peer: &PeerAddr, service: &str) -> Result<SendRequest<Incoming>, String> {
+    /// Open a fresh stream to `peer` for `service`: open, hello, ack (with the
+    /// instance's credentials checked), HTTP/1 handshake.
+    async fn open(
+        &self,
+        peer: &PeerAddr,
+        service: &str,
+        hash: &ContentHash,
+    ) -> Result<SendRequest<Incoming>, OpenFailure> {
         let fut = async {
-            let mut stream = self.transport.open_tunnel(peer.clone()).await?;
+            let unreachable = OpenFailure::Unreachable;
+            let mut stream = self.transport.open_tunnel(peer.clone()).await.map_err(unreachable)?;
             write_frame(&mut stream, &TunnelHello { service: service.to_string() })
                 .await
-                .map_err(|e| format!("tunnel hello: {e}"))?;
-            match read_frame::<_, TunnelAck>(&mut stream).await {
-                Ok(TunnelAck::Ok) => {}
-                Ok(TunnelAck::Rejected { reason }) => return Err(format!("tunnel rejected: {reason}")),
-                Err(e) => return Err(format!("tunnel ack: {e}")),
-            }
-            http1_client(stream, "tunnel").await.map_err(|e| format!("tunnel handshake: {e}"))
+                .map_err(|e| unreachable(format!("tunnel hello: {e}")))?;
+            let ack =
+                read_frame::<_, TunnelAck>(&mut stream).await.map_err(|e| unreachable(format!("tunnel ack: {e}")))?;
+            self.check_ack(ack, &peer.peer, hash)?;
+            http1_client(stream, "tunnel").await.map_err(|e| unreachable(format!("tunnel handshake: {e}")))
         };
         match tokio::time::timeout(self.open_timeout, fut).await {
             Ok(r) => r,
-            Err(_) => Err("timed out opening a tunnel".into()),
+            Err(_) => Err(OpenFailure::Unreachable("timed out opening a tunnel".into())),
         }
     }
 
@@ -119,6 +166,7 @@ impl<T: Transport> TunnelPool<T> {
         self: &Rc<Self>,
         peer: &PeerAddr,
         service: &str,
+        hash: &ContentHash,
         mut req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, SendFailure> {
         let key: Key = (peer.peer.clone(), service.to_string());
@@ -130,14 +178,17 @@ impl<T: Transport> TunnelPool<T> {
                 None => {
                     if fresh_failures >= 2 {
                         // Nothing of the request left us: it can go to another instance.
-                        return Err(SendFailure { reason: last_err, unsent: Some(req) });
+                        return Err(SendFailure { reason: last_err, unsent: Some(req), untrusted: false });
                     }
-                    match self.open(peer, service).await {
+                    match self.open(peer, service, hash).await {
                         Ok(s) => (s, true),
-                        Err(e) => {
+                        Err(OpenFailure::Unreachable(e)) => {
                             fresh_failures += 1;
                             last_err = e;
                             continue;
+                        }
+                        Err(OpenFailure::Untrusted(reason)) => {
+                            return Err(SendFailure { reason, unsent: Some(req), untrusted: true })
                         }
                     }
                 }
@@ -160,7 +211,10 @@ impl<T: Transport> TunnelPool<T> {
                         last_err = format!("tunnel: {}", e.error());
                         req = back;
                     }
-                    None => return Err(SendFailure { reason: format!("tunnel: {}", e.into_error()), unsent: None }),
+                    None => {
+                        let reason = format!("tunnel: {}", e.into_error());
+                        return Err(SendFailure { reason, unsent: None, untrusted: false });
+                    }
                 },
             }
         }
@@ -174,6 +228,7 @@ pub(crate) async fn serve_tunnels<S: ByteStream, C: Connector>(
     serve: Option<String>,
     app: C,
     node: NodeHandle,
+    credentials: CredentialsCell,
     hello_timeout: Duration,
 ) {
     let serve: Option<Rc<str>> = serve.map(Rc::from);
@@ -181,8 +236,9 @@ pub(crate) async fn serve_tunnels<S: ByteStream, C: Connector>(
         let serve = serve.clone();
         let app = app.clone();
         let node = node.clone();
+        let credentials = credentials.borrow().clone();
         tokio::task::spawn_local(async move {
-            if let Err(e) = serve_one(stream, serve, app, node, hello_timeout).await {
+            if let Err(e) = serve_one(stream, serve, app, node, credentials, hello_timeout).await {
                 tracing::debug!(%from, "tunnel stream ended: {e}");
             }
         });
@@ -194,6 +250,7 @@ async fn serve_one<S: ByteStream, C: Connector>(
     serve: Option<Rc<str>>,
     app: C,
     node: NodeHandle,
+    credentials: Option<Credentials>,
     hello_timeout: Duration,
 ) -> Result<(), String> {
     let hello: TunnelHello = tokio::time::timeout(hello_timeout, read_frame(&mut stream))
@@ -201,11 +258,11 @@ async fn serve_one<S: ByteStream, C: Connector>(
         .map_err(|_| "no hello in time".to_string())?
         .map_err(|e| format!("bad hello: {e}"))?;
     let ack = match &serve {
-        Some(name) if **name == *hello.service => TunnelAck::Ok,
+        Some(name) if **name == *hello.service => TunnelAck::Ok { credentials },
         Some(name) => TunnelAck::Rejected { reason: format!("this instance serves {name:?}, not {:?}", hello.service) },
         None => TunnelAck::Rejected { reason: "this node serves no service".into() },
     };
-    let accepted = ack == TunnelAck::Ok;
+    let accepted = matches!(ack, TunnelAck::Ok { .. });
     write_frame(&mut stream, &ack).await.map_err(|e| format!("ack: {e}"))?;
     if !accepted {
         return Ok(());

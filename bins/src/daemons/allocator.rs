@@ -6,10 +6,13 @@ use crate::cli::{default_listen, AllocatorCli};
 use crate::conf::{self, ConfSource};
 use crate::daemon::{self, KeyDefault};
 use crate::daemons::Launcher;
-use anyhow::{Context, Result};
-use physarum_core::config::{AllocatorConfig, NodeConfig};
+use anyhow::{bail, Context, Result};
+use physarum_core::config::AllocatorConfig;
+use physarum_core::trust::Issuer;
 use physarum_core::types::PeerId;
+use physarum_net_real::driver::process::RunAs;
 use physarum_net_real::driver::{ProcessDriver, ProcessDriverConfig};
+use physarum_net_real::keyfile;
 use physarum_net_real::metrics::{Metrics, MetricsObserver};
 use physarum_net_real::NodeOptions;
 use physarum_runtime::RuntimeConfig;
@@ -22,6 +25,35 @@ pub async fn run(cli: AllocatorCli, launcher: Launcher) -> Result<()> {
     let metrics_addr = daemon::metrics_addr(&cli.metrics)?;
     let prepared = daemon::prepare(&cli.net, KeyDefault::File(conf::default_key_path("allocator")), &default_listen())?;
     let (proxy_program, proxy_args) = launcher.tool("proxy")?;
+    // Trust first: without a valid grant no instance of ours would be trusted.
+    let me = PeerId(keyfile::peer_id_string(&prepared.keypair));
+    let grant = crate::keys::load_grant(&cli.grant, &me, &prepared.operators)?;
+    let own_key = keyfile::signing_key(&prepared.keypair).map_err(anyhow::Error::msg)?;
+    let issuer = Issuer::allocator(own_key, grant).context("the grant does not match this allocator's key")?;
+    tracing::info!(
+        "Granted by operator {}",
+        prepared.operators.keys().iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", ")
+    );
+    let exec_roots = cli
+        .exec_root
+        .iter()
+        .map(|d| std::fs::canonicalize(d).with_context(|| format!("exec root {} does not exist", d.display())))
+        .collect::<Result<Vec<_>>>()?;
+    if exec_roots.is_empty() {
+        tracing::warn!("No --exec-root: this allocator runs no programs (container images only)");
+    }
+    // SAFETY: geteuid has no preconditions.
+    let run_as = match unsafe { libc::geteuid() } {
+        0 => {
+            let user = RunAs::lookup(&cli.run_as).map_err(anyhow::Error::msg)?;
+            if user.uid == 0 {
+                bail!("--run-as {} is root: instances must run as an unprivileged user", cli.run_as);
+            }
+            tracing::info!("Running as root: instances run as {} (uid {})", user.name, user.uid);
+            Some(user)
+        }
+        _ => None,
+    };
     let (instance_dir, temporary) = match &cli.instance_dir {
         Some(d) => (d.clone(), false),
         None => (std::env::temp_dir().join(format!("physarum-allocator-{}", std::process::id())), true),
@@ -52,15 +84,26 @@ pub async fn run(cli: AllocatorCli, launcher: Launcher) -> Result<()> {
     dcfg.psk = prepared.psk.clone();
     dcfg.config_file = config_file;
     dcfg.ready_timeout = Duration::from_secs(cli.start_timeout.max(1));
+    dcfg.exec_roots = exec_roots.clone();
+    dcfg.run_as = run_as.clone();
+    dcfg.operators = prepared.operators.keys().iter().map(|k| k.to_string()).collect();
     let driver = ProcessDriver::new(dcfg).map_err(anyhow::Error::msg)?;
+    if run_as.is_some() {
+        // The unprivileged instances must be able to reach their own directories.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&instance_dir, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("cannot open up {}", instance_dir.display()))?;
+    }
 
-    let mut node = NodeConfig::new(PeerId(p2p.peer_id().to_string()), prepared.requirements());
+    let mut node = prepared.node_config(&p2p.peer_id());
+    node.trust.issuer = Some(issuer);
     node.allocator = Some(AllocatorConfig {
         max_instances: cli.max_instances,
         idle_limit: Duration::from_secs(cli.idle_limit),
         cull_interval: Duration::from_secs(cli.cull_interval.max(1)),
         // The driver gives up first and says why.
         start_timeout: Duration::from_secs(cli.start_timeout.max(1) + 5),
+        exec_roots: exec_roots.iter().map(|r| r.display().to_string()).collect(),
         ..AllocatorConfig::default()
     });
     let metrics = Arc::new(Metrics::new());

@@ -4,9 +4,8 @@
 
 use crate::cli::{default_listen, ProxyCli};
 use crate::daemon::{self, KeyDefault};
-use anyhow::Result;
-use physarum_core::config::NodeConfig;
-use physarum_core::types::PeerId;
+use anyhow::{bail, Result};
+use physarum_core::trust::Issuer;
 use physarum_net_real::metrics::{Metrics, MetricsObserver};
 use physarum_net_real::NodeOptions;
 use physarum_runtime::transport::NoDriver;
@@ -36,7 +35,20 @@ pub async fn run(cli: ProxyCli) -> Result<()> {
     tracing::info!("Creating DHT");
     let (p2p, inbound) = daemon::start_network(&prepared, prepared.p2p_options()).await?;
 
-    let mut node = NodeConfig::new(PeerId(p2p.peer_id().to_string()), prepared.requirements());
+    let mut node = prepared.node_config(&p2p.peer_id());
+    if let Some(path) = &cli.operator_key {
+        let key = crate::keys::load_operator_key(path)?;
+        if !prepared.operators.keys().contains(&key.public()) {
+            bail!(
+                "the operator key {} (public key {}) is not one of the configured operators: clients would \
+                 not trust this sidecar (add it to \"Operators\" or pass --operator)",
+                path.display(),
+                key.public()
+            );
+        }
+        tracing::info!("Certifying this sidecar with operator key {}", key.public());
+        node.trust.issuer = Some(Issuer::operator(key));
+    }
     node.registry_cache.ttl = Duration::from_secs(cli.rcache_ttl);
     node.serve = cli.service.clone();
     let http = SocketAddr::new(cli.bind, cli.port);

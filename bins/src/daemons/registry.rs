@@ -1,15 +1,15 @@
-//! `registry`: the registry service. Maps service names to what runs them (add,
-//! get, list, delete over the P2P network), kept in an embedded store: a JSON file
-//! in `--data-dir`, replaced atomically after every change and reloaded at start.
+//! `registry`: the registry service. Maps service names to operator-signed entries
+//! (add, get, list, remove over the P2P network; writes signed by a configured
+//! operator only), kept in an embedded store: a JSON file in `--data-dir`, replaced
+//! atomically after every change and reloaded (and re-verified) at start.
 
 use crate::cli::{default_listen, RegistryCli};
 use crate::daemon::{self, KeyDefault};
 use crate::store::{RegistryStore, StoreWriter};
 use anyhow::Result;
-use physarum_core::config::NodeConfig;
 use physarum_core::io::{Event, Input, Output};
 use physarum_core::time::Instant;
-use physarum_core::types::{PeerId, ServiceInfo};
+use physarum_core::trust::SignedEntry;
 use physarum_net_real::metrics::{Metrics, MetricsObserver};
 use physarum_net_real::NodeOptions;
 use physarum_runtime::transport::{NoDriver, Observer};
@@ -33,8 +33,8 @@ impl Observer for RegistryObserver {
     fn event(&self, now: Instant, event: &Event) {
         self.metrics.event(now, event)
     }
-    fn persist_registry(&self, entries: Vec<ServiceInfo>) {
-        tracing::info!("Registry changed: {} services", entries.len());
+    fn persist_registry(&self, entries: Vec<SignedEntry>) {
+        tracing::info!("Registry changed: {} entries", entries.len());
         self.store.persist(entries)
     }
     fn request_finished(&self, service: &str, status: u16, took: Duration) {
@@ -52,7 +52,7 @@ pub async fn run(cli: RegistryCli) -> Result<()> {
     let prepared = daemon::prepare(&cli.net, KeyDefault::File(cli.data_dir.join("registry.key")), &default_listen())?;
     let (p2p, inbound) = daemon::start_network(&prepared, prepared.p2p_options()).await?;
 
-    let mut node = NodeConfig::new(PeerId(p2p.peer_id().to_string()), prepared.requirements());
+    let mut node = prepared.node_config(&p2p.peer_id());
     node.registry = Some(entries);
     let opts = NodeOptions { node, seed: daemon::seed(), runtime: RuntimeConfig::default(), http: None, app: None };
     let metrics = Arc::new(Metrics::new());

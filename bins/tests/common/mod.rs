@@ -387,6 +387,8 @@ pub struct Daemon {
 pub struct Cluster {
     pub dir: TempDir,
     pub conf: PathBuf,
+    /// The operator key every daemon trusts (listed in `conf`).
+    pub operator_key: PathBuf,
     pub bootstrap_addr: String,
     pub bootstrap: Daemon,
     pub registry: Option<Daemon>,
@@ -403,8 +405,12 @@ impl Cluster {
     pub fn bootstrap(tag: &str, psk: Option<&str>) -> Cluster {
         let dir = TempDir::new(tag);
         let conf = dir.path().join("conf.json");
-        std::fs::write(&conf, r#"{"Perf": {"SoftReq": {"RTT": 100}, "HardReq": {"RTT": 1000}}, "Bootstraps": []}"#)
-            .unwrap();
+        let operator_key = dir.path().join("operator.key");
+        let operator = physarum::keys::keygen(&operator_key).unwrap();
+        let text = format!(
+            r#"{{"Perf": {{"SoftReq": {{"RTT": 100}}, "HardReq": {{"RTT": 1000}}}}, "Bootstraps": [], "Operators": ["{operator}"]}}"#
+        );
+        std::fs::write(&conf, text).unwrap();
         let key = dir.path().join("bootstrap.key");
         let peer = physarum_net_real::keyfile::peer_id_string(&physarum_net_real::keyfile::generate_to(&key).unwrap());
         let port = free_port();
@@ -420,6 +426,7 @@ impl Cluster {
         let mut c = Cluster {
             dir,
             conf,
+            operator_key,
             bootstrap_addr,
             bootstrap: Daemon { proc, metrics },
             registry: None,
@@ -512,10 +519,23 @@ impl Cluster {
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut cmd = command("allocator", self.dir.path());
         self.net_args(&mut cmd, &name);
+        let grant = self.grant(&name);
+        cmd.arg("--grant").arg(grant).arg("--exec-root").arg(self.dir.path());
         cmd.arg("--metrics").arg(metrics.to_string());
         cmd.arg("--instance-dir").arg(self.dir.path().join(format!("{name}-instances")));
         self.allocators.push(Daemon { proc: Proc::spawn(&name, cmd, self.dir.path()), metrics });
         self.wait_daemon_up(&name);
+    }
+
+    /// Make the identity of the daemon `name` now and grant it, as an operator would.
+    pub fn grant(&self, name: &str) -> PathBuf {
+        let key_path = self.dir.path().join(format!("{name}.key"));
+        let (key, _) = physarum_net_real::keyfile::load_or_create(&key_path).unwrap();
+        let peer = physarum_net_real::keyfile::peer_id_string(&key);
+        let grant = physarum::keys::grant(&self.operator_key, &peer).unwrap();
+        let path = self.dir.path().join(format!("{name}.grant.json"));
+        physarum::keys::write_grant(&grant, &path).unwrap();
+        path
     }
 
     pub fn start_proxy(&mut self) {
@@ -560,7 +580,8 @@ impl Cluster {
             wrapper.display().to_string()
         );
         std::fs::write(&conf, text).unwrap();
-        let (ok, out, err) = self.registry_cli(&["add", conf.to_str().unwrap()]);
+        let key = self.operator_key.display().to_string();
+        let (ok, out, err) = self.registry_cli(&["add", conf.to_str().unwrap(), "--operator-key", &key]);
         assert!(ok, "registry add failed:\n{out}\n{err}\n{}", self.logs());
     }
 

@@ -6,6 +6,7 @@
 use physarum_core::config::NodeConfig;
 use physarum_core::io::{Event, Input, OpResult, Outcome, Output};
 use physarum_core::perf::Requirements;
+use physarum_core::trust::{Grant, Issuer, Operators, SecretKey, SignedEntry};
 use physarum_core::types::{ContentHash, DhtKey, PeerAddr, PeerId, ReqId, RunSpec, ServiceInfo};
 use physarum_core::wire::{Request, Response};
 use physarum_core::{Instant, Node};
@@ -16,6 +17,19 @@ pub fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
+/// The operator whose key every world node trusts and who signs the registry's entries.
+pub fn operator() -> SecretKey {
+    SecretKey::from_bytes([1; 32])
+}
+
+/// Make `config` an allocator granted by the world's operator.
+pub fn grant(config: &mut NodeConfig) {
+    let key = SecretKey::from_bytes([7; 32]);
+    let grant = Grant::sign(config.local.clone(), key.public(), &operator());
+    config.trust.operators = Operators::new(vec![operator().public()]);
+    config.trust.issuer = Some(Issuer::allocator(key, grant).expect("the grant names the key"));
+}
+
 pub fn peer(name: &str) -> PeerAddr {
     PeerAddr::new(name, vec![format!("/sim/{name}")])
 }
@@ -24,7 +38,7 @@ pub fn service(name: &str, soft_ms: u64, hard_ms: u64) -> ServiceInfo {
     ServiceInfo {
         name: name.into(),
         hash: ContentHash(format!("hash-{name}")),
-        run: RunSpec::Exec { program: name.into(), args: vec![] },
+        run: RunSpec::Exec { program: format!("/opt/{name}"), args: vec![], env: vec![] },
         requirements: Requirements::rtt(ms(soft_ms), ms(hard_ms)),
         cpu_millis: 100,
         memory_mb: 32,
@@ -52,6 +66,8 @@ pub struct World {
     /// A peer listed here is unreachable before the given time.
     pub reachable_from: BTreeMap<PeerId, Instant>,
     pub registry: BTreeMap<String, ServiceInfo>,
+    /// Peers that answer registry queries with entries signed by a stranger's key.
+    pub rogue_registries: Vec<String>,
     pub allocators: BTreeMap<PeerId, AllocatorBehaviour>,
     queue: BTreeMap<(Instant, u64), Input>,
     seq: u64,
@@ -73,7 +89,11 @@ impl World {
         Self::with_config(NodeConfig::new(PeerId("client".into()), Requirements::rtt(ms(100), ms(1000))), services)
     }
 
-    pub fn with_config<'a>(config: NodeConfig, services: impl IntoIterator<Item = &'a ServiceInfo>) -> Self {
+    /// `config`, trusting the world's operator unless it names operators of its own.
+    pub fn with_config<'a>(mut config: NodeConfig, services: impl IntoIterator<Item = &'a ServiceInfo>) -> Self {
+        if config.trust.operators.is_empty() {
+            config.trust.operators = Operators::new(vec![operator().public()]);
+        }
         let node = Node::new(config, 7, Instant::ZERO);
         let mut w = World {
             now: Instant::ZERO,
@@ -82,6 +102,7 @@ impl World {
             rtt: BTreeMap::new(),
             reachable_from: BTreeMap::new(),
             registry: services.into_iter().map(|s| (s.name.clone(), s.clone())).collect(),
+            rogue_registries: Vec::new(),
             allocators: BTreeMap::new(),
             queue: BTreeMap::new(),
             seq: 0,
@@ -100,6 +121,13 @@ impl World {
     pub fn add_instance(&mut self, svc: &ServiceInfo, name: &str, rtt: Duration) {
         self.providers.entry(DhtKey::Service(svc.hash.clone())).or_default().push(peer(name));
         self.rtt.insert(PeerId(name.into()), rtt);
+    }
+
+    /// A node that advertises the registry key and forges entries, listed before the real one.
+    pub fn add_rogue_registry(&mut self, name: &str) {
+        self.providers.entry(DhtKey::Registry).or_default().insert(0, peer(name));
+        self.rtt.insert(PeerId(name.into()), ms(1));
+        self.rogue_registries.push(name.into());
     }
 
     pub fn add_allocator(&mut self, name: &str, rtt: Duration, behaviour: AllocatorBehaviour) {
@@ -165,7 +193,19 @@ impl World {
 
     fn serve(&mut self, to: &PeerId, request: Request) -> Response {
         match (to.0.as_str(), request) {
-            (REGISTRY, Request::RegistryGet { name }) => Response::Service { info: self.registry.get(&name).cloned() },
+            (rogue, Request::RegistryGet { name }) if self.rogue_registries.iter().any(|r| r == rogue) => {
+                let mut info = self.registry.get(&name).cloned().unwrap_or_else(|| service(&name, 50, 100));
+                info.run =
+                    RunSpec::Exec { program: "/bin/sh".into(), args: vec!["-c".into(), "evil".into()], env: vec![] };
+                let stranger = SecretKey::from_bytes([66; 32]);
+                Response::Entry { entry: Some(Box::new(SignedEntry::sign(name, u64::MAX, Some(info), &stranger))) }
+            }
+            (REGISTRY, Request::RegistryGet { name }) => Response::Entry {
+                entry: self
+                    .registry
+                    .get(&name)
+                    .map(|i| Box::new(SignedEntry::sign(name, 1, Some(i.clone()), &operator()))),
+            },
             (_, Request::Allocate { service }) => match self.allocators.get(to).cloned() {
                 Some(AllocatorBehaviour::Start { instance, rtt, in_dht }) => {
                     let Some(info) = self.registry.get(&service).cloned() else {
@@ -180,6 +220,8 @@ impl World {
                 Some(AllocatorBehaviour::Refuse(reason)) => Response::Refused { reason },
                 None => Response::Error { reason: "not an allocator".into() },
             },
+            // A sidecar that takes its credentials and has just served.
+            (_, Request::IdleQuery { .. }) => Response::Idle { seconds: 0 },
             (_, r) => Response::Error { reason: format!("unexpected {r:?}") },
         }
     }

@@ -2,8 +2,10 @@
 //! sidecar `proxy` in service mode, both child processes of the allocator.
 //!
 //! For an instance the driver
-//! 1. refuses container images (that is the Docker driver's job) and executables
-//!    whose SHA3-256 no longer matches the registered content hash;
+//! 1. refuses container images (that is the Docker driver's job), programs whose
+//!    resolved path (symlinks followed) lies outside its exec roots, and programs
+//!    whose content hash (run spec + SHA3-256 of the bytes) no longer matches the
+//!    registered one;
 //! 2. generates the instance's identity key in advance, so its peer id is known
 //!    before it starts, and picks its ports at run time;
 //! 3. starts the application with `PROXY_IP, PROXY_PORT, SERVICE_PORT,
@@ -14,13 +16,15 @@
 //!    endpoint (which the proxy opens only once its node runs) answers — or failed
 //!    with the reason (exit status and the tail of its log) when it exits first or
 //!    the deadline passes;
+//!    Both run as the configured unprivileged user when the allocator runs as root;
 //! 5. reaps the children, reports an exit of either (after stopping the other) on
 //!    the runtime's `ExitSink`, and stops every instance when the allocator stops
 //!    ([`ProcessDriver::shutdown`], or drop, or `PR_SET_PDEATHSIG` when killed).
 
 use super::{die_with_parent, hash_file};
 use crate::keyfile;
-use physarum_core::types::{InstanceId, PeerAddr, RunSpec, ServiceInfo};
+use physarum_core::trust::program_within;
+use physarum_core::types::{content_hash, InstanceId, PeerAddr, RunSpec, ServiceInfo};
 use physarum_runtime::transport::{ExitSink, InstanceDriver};
 use std::collections::HashMap;
 use std::fs;
@@ -58,6 +62,32 @@ pub struct ProcessDriverConfig {
     pub verify_hash: bool,
     /// Keep instance directories (logs) after an instance ends.
     pub keep_dirs: bool,
+    /// Directories (canonical) whose programs may run; none: no program runs.
+    pub exec_roots: Vec<PathBuf>,
+    /// The user instances run as (set when the allocator runs as root).
+    pub run_as: Option<RunAs>,
+    /// Operators' public keys, passed to each sidecar (`--operator`) so that it can
+    /// check the credentials the allocator gives it.
+    pub operators: Vec<String>,
+}
+
+/// An unprivileged user for instances.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunAs {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl RunAs {
+    /// Look `name` up in the user database.
+    pub fn lookup(name: &str) -> Result<RunAs, String> {
+        match nix::unistd::User::from_name(name) {
+            Ok(Some(u)) => Ok(RunAs { name: name.to_string(), uid: u.uid.as_raw(), gid: u.gid.as_raw() }),
+            Ok(None) => Err(format!("there is no user {name:?} to run instances as (--run-as)")),
+            Err(e) => Err(format!("cannot look up user {name:?}: {e}")),
+        }
+    }
 }
 
 impl ProcessDriverConfig {
@@ -74,6 +104,9 @@ impl ProcessDriverConfig {
             stop_grace: Duration::from_secs(3),
             verify_hash: true,
             keep_dirs: false,
+            exec_roots: Vec::new(),
+            run_as: None,
+            operators: Vec::new(),
         }
     }
 }
@@ -221,15 +254,22 @@ impl ProcessDriver {
                     service.name
                 ))
             }
-            RunSpec::Exec { program, args } => (program.clone(), args.clone()),
+            RunSpec::Exec { program, args, env } => (program.clone(), (args.clone(), env.clone())),
         };
+        let (args, app_env) = args;
         let program = resolve_program(&program)?;
+        // The core checked the registered path; a symlink must not lead out of the roots.
+        let resolved = fs::canonicalize(&program).map_err(|e| format!("cannot resolve {}: {e}", program.display()))?;
+        let roots: Vec<String> = cfg.exec_roots.iter().map(|r| r.display().to_string()).collect();
+        program_within(&resolved.display().to_string(), &roots)
+            .map_err(|e| format!("refusing to run {}: {e}", service.name))?;
         if cfg.verify_hash {
-            let actual = self.program_hash(&program).await?;
-            if actual != service.hash.0 {
+            let digest = self.program_hash(&program).await?;
+            let actual = content_hash(&service.run, &digest);
+            if actual != service.hash {
                 return Err(format!(
-                    "refusing to run {}: the SHA3-256 of {} is {actual}, not the registered content hash {} \
-                     (the executable changed since it was registered)",
+                    "refusing to run {}: the content hash of {} and its arguments is {actual}, not the \
+                     registered {} (the executable changed since it was registered)",
                     service.name,
                     program.display(),
                     service.hash
@@ -245,6 +285,12 @@ impl ProcessDriver {
         fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let setup = (|| {
             let key = keyfile::generate_to(&dir.join("identity.key")).map_err(|e| e.to_string())?;
+            if let Some(user) = &cfg.run_as {
+                for path in [dir.clone(), dir.join("identity.key")] {
+                    std::os::unix::fs::chown(&path, Some(user.uid), Some(user.gid))
+                        .map_err(|e| format!("cannot hand {} to user {}: {e}", path.display(), user.name))?;
+                }
+            }
             let ports = free_ports(cfg.host_ip, 4).map_err(|e| format!("cannot pick ports: {e}"))?;
             Ok::<_, String>((keyfile::peer_id_string(&key), ports))
         })();
@@ -267,7 +313,7 @@ impl ProcessDriver {
         ];
 
         let mut app = Command::new(&program);
-        app.args(&args).current_dir(&dir);
+        app.args(&args).envs(app_env.iter().map(|(k, v)| (k, v))).current_dir(&dir);
         let mut proxy = Command::new(&cfg.proxy_program);
         proxy
             .args(&cfg.proxy_args)
@@ -278,6 +324,9 @@ impl ProcessDriver {
             .arg(&p2p_addr);
         for b in &cfg.bootstraps {
             proxy.arg("--bootstrap").arg(b);
+        }
+        for op in &cfg.operators {
+            proxy.arg("--operator").arg(op);
         }
         if let Some(conf) = &cfg.config_file {
             proxy.arg("--configfile").arg(conf);
@@ -293,6 +342,10 @@ impl ProcessDriver {
             let out = fs::File::create(dir.join(log)).map_err(|e| format!("cannot create {log}: {e}"))?;
             let err = out.try_clone().map_err(|e| format!("cannot create {log}: {e}"))?;
             cmd.stdin(Stdio::null()).stdout(out).stderr(err).kill_on_drop(true).process_group(0);
+            if let Some(user) = &cfg.run_as {
+                // std drops the supplementary groups too when it changes the uid as root.
+                cmd.uid(user.uid).gid(user.gid);
+            }
             die_with_parent(cmd);
         }
 
@@ -559,7 +612,6 @@ async fn is_ready(service: SocketAddr, p2p: SocketAddr, metrics: SocketAddr) -> 
 mod tests {
     use super::*;
     use physarum_core::perf::Requirements;
-    use physarum_core::types::ContentHash;
 
     fn tempdir(tag: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("physarum-driver-{tag}-{}", std::process::id()));
@@ -577,13 +629,15 @@ mod tests {
     }
 
     fn service(program: &Path, args: &[&str]) -> ServiceInfo {
+        let run = RunSpec::Exec {
+            program: program.display().to_string(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: vec![("GREETING".into(), "hi".into())],
+        };
         ServiceInfo {
             name: "svc".into(),
-            hash: ContentHash(hash_file(program).unwrap()),
-            run: RunSpec::Exec {
-                program: program.display().to_string(),
-                args: args.iter().map(|s| s.to_string()).collect(),
-            },
+            hash: content_hash(&run, &hash_file(program).unwrap()),
+            run,
             requirements: Requirements::default(),
             cpu_millis: 0,
             memory_mb: 0,
@@ -625,6 +679,7 @@ EOF"#,
 
     fn driver(dir: &Path, proxy: PathBuf) -> ProcessDriver {
         let mut cfg = ProcessDriverConfig::new(proxy, dir.join("work"));
+        cfg.exec_roots = vec![fs::canonicalize(dir).unwrap()];
         cfg.bootstraps = vec!["/ip4/127.0.0.1/tcp/4001/p2p/QmBoot".into(), "/ip4/127.0.0.1/tcp/5/p2p/QmSelf".into()];
         cfg.psk = Some("secret".into());
         cfg.ready_timeout = Duration::from_secs(10);
@@ -664,7 +719,29 @@ s.bind(("127.0.0.1", int(os.environ["SERVICE_PORT"]))); s.listen(); time.sleep(6
         script(&dir, "app", "echo tampered; sleep 60");
         let (exits, _rx) = ExitSink::channel();
         let err = d.start(InstanceId(1), svc, exits).await.unwrap_err();
-        assert!(err.contains("not the registered content hash"), "{err}");
+        assert!(err.contains("the executable changed since it was registered"), "{err}");
+        assert!(d.running().is_empty());
+        // Other arguments are another service: its hash differs, so it is refused too.
+        let mut other = service(&app, &["--other"]);
+        other.hash = service(&app, &[]).hash;
+        let (exits, _rx) = ExitSink::channel();
+        let err = d.start(InstanceId(2), other, exits).await.unwrap_err();
+        assert!(err.contains("not the"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn programs_outside_the_exec_roots_are_refused_also_through_symlinks() {
+        let dir = tempdir("roots");
+        let d = driver(&dir, script(&dir, "proxy", "sleep 60"));
+        let (exits, _rx) = ExitSink::channel();
+        let err = d.start(InstanceId(1), service(Path::new("/bin/sh"), &["-c", "id"]), exits).await.unwrap_err();
+        assert!(err.contains("outside this allocator's exec roots"), "{err}");
+        let link = dir.join("innocent");
+        std::os::unix::fs::symlink("/bin/sh", &link).unwrap();
+        let (exits, _rx) = ExitSink::channel();
+        let err = d.start(InstanceId(2), service(&link, &[]), exits).await.unwrap_err();
+        assert!(err.contains("outside this allocator's exec roots"), "{err}");
         assert!(d.running().is_empty());
         fs::remove_dir_all(&dir).unwrap();
     }
@@ -706,6 +783,7 @@ s.bind(("127.0.0.1", int(os.environ["SERVICE_PORT"]))); s.listen(); time.sleep(6
         let dir = tempdir("deadline");
         let mut cfg = ProcessDriverConfig::new(script(&dir, "proxy", "echo $$ > pid; exec sleep 60"), dir.join("w"));
         cfg.ready_timeout = Duration::from_millis(400);
+        cfg.exec_roots = vec![fs::canonicalize(&dir).unwrap()];
         let d = ProcessDriver::new(cfg).unwrap();
         let app = script(&dir, "app", "exec sleep 60");
         let (exits, mut rx) = ExitSink::channel();
@@ -740,7 +818,9 @@ s.bind(("127.0.0.1", int(os.environ["SERVICE_PORT"]))); s.listen(); time.sleep(6
 
         // The application got the environment, the sidecar the arguments.
         let env = fs::read_to_string(inst_dir.join("app-env.txt")).unwrap();
-        for var in ["PROXY_IP=127.0.0.1", "PROXY_PORT=", "SERVICE_PORT=", "METRICS_PORT=", "P2P_PSK=secret"] {
+        for var in
+            ["GREETING=hi", "PROXY_IP=127.0.0.1", "PROXY_PORT=", "SERVICE_PORT=", "METRICS_PORT=", "P2P_PSK=secret"]
+        {
             assert!(env.contains(var), "{var} missing in {env}");
         }
         assert!(env.contains("P2P_BOOTSTRAPS=/ip4/127.0.0.1/tcp/4001/p2p/QmBoot /ip4/127.0.0.1/tcp/5/p2p/QmSelf"));
@@ -782,6 +862,35 @@ s.bind(("127.0.0.1", int(os.environ["SERVICE_PORT"]))); s.listen(); time.sleep(6
         d.shutdown().await;
         assert!(pids3.iter().all(|p| !alive(*p)));
         assert!(d.running().is_empty());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn instances_run_as_the_configured_user_when_the_allocator_is_root() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 || !has_python() {
+            eprintln!("skipped: needs root (to switch users) and python3 for the fake sidecar");
+            return;
+        }
+        let dir = tempdir("runas");
+        let nobody = RunAs::lookup("nobody").unwrap();
+        let mut cfg = ProcessDriverConfig::new(fake_proxy(&dir), dir.join("work"));
+        cfg.exec_roots = vec![fs::canonicalize(&dir).unwrap()];
+        cfg.run_as = Some(nobody.clone());
+        let d = ProcessDriver::new(cfg).unwrap();
+        let (exits, _rx) = ExitSink::channel();
+        d.start(InstanceId(1), service(&fake_app(&dir), &[]), exits).await.unwrap();
+        let inst = dir.join("work/instance-1");
+        for pid in pids_of(&inst) {
+            let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap().to_string();
+            let ids: Vec<u32> = uid_line.split_whitespace().skip(1).map(|v| v.parse().unwrap()).collect();
+            assert!(ids.iter().all(|&u| u == nobody.uid), "pid {pid}: {uid_line}");
+            let groups = status.lines().find(|l| l.starts_with("Groups:")).unwrap().to_string();
+            assert!(!groups.split_whitespace().skip(1).any(|g| g == "0"), "pid {pid} kept root's groups: {groups}");
+        }
+        d.shutdown().await;
+        assert!(!RunAs::lookup("no-such-user-here").unwrap_err().is_empty());
         fs::remove_dir_all(&dir).unwrap();
     }
 
