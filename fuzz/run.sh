@@ -44,7 +44,7 @@ for t in "${targets[@]}"; do
     # shellcheck disable=SC2046
     if cargo fuzz run --sanitizer none "$t" "$scratch/$t" "corpus/$t" $(seeds_of "$t") -- \
         -max_total_time="$seconds" -timeout=10 -print_final_stats=1 >"$log" 2>&1; then
-        runs=$(awk -F: '/^stat::number_of_executed_units/ { gsub(/ /, "", $2); print $2 }' "$log")
+        runs=$(awk '/^stat::number_of_executed_units:/ { print $2 }' "$log")
         echo "fuzz $t: ${runs:-?} runs in ${seconds}s, no crash"
     else
         echo "fuzz $t: FAILED; the end of its log:"

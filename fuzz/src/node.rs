@@ -1,6 +1,7 @@
 //! The composite `Node` fed an arbitrary sequence of inputs: client requests, peer
 //! requests, answers (right, wrong, late, duplicated or for operations that never
-//! existed), instance events and time passing. The runtime's side of the contract
+//! existed; registry entries signed by the trusted operator or by a stranger),
+//! route failures and failed trust checks, instance events and time passing. The runtime's side of the contract
 //! is kept (request and inbound ids are fresh, time only moves forward, every due
 //! timer gets its tick); everything else is up to the fuzzer.
 //!
@@ -21,6 +22,7 @@ use arbitrary::Arbitrary;
 use physarum_core::config::{AllocatorConfig, NodeConfig};
 use physarum_core::io::{Input, OpResult, Outcome, Output};
 use physarum_core::perf::Requirements;
+use physarum_core::trust::{Grant, Issuer, Operators, SecretKey, SignedEntry};
 use physarum_core::types::{ContentHash, InboundId, InstanceId, OpId, PeerAddr, PeerId, ReqId, RunSpec, ServiceInfo};
 use physarum_core::wire::{Request, Response};
 use physarum_core::{Instant, Node};
@@ -50,6 +52,11 @@ enum Step {
         nth: u8,
         peer: u8,
     },
+    /// The instance of the n-th routed request failed the trust check (likewise).
+    Untrusted {
+        nth: u8,
+        peer: u8,
+    },
     TunnelServed,
     PeerRequest {
         from: u8,
@@ -76,13 +83,29 @@ enum Step {
 
 #[derive(Arbitrary, Clone, Debug)]
 enum PeerRequest {
-    Allocate { service: u8 },
-    RegistryGet { service: u8 },
-    RegistryList,
-    RegistryPut { service: u8, soft_ms: u16, hard_ms: u16 },
-    RegistryDelete { service: u8 },
-    IdleQuery,
-    Ping { nonce: u64 },
+    Allocate {
+        service: u8,
+    },
+    RegistryGet {
+        service: u8,
+    },
+    RegistryList {
+        after: Option<u8>,
+    },
+    /// An entry signed by the operator (or a stranger); a removal without `limits`.
+    RegistryPut {
+        service: u8,
+        version: u8,
+        by_operator: bool,
+        limits: Option<(u16, u16)>,
+    },
+    /// With credentials the operator issued for this node, or none.
+    IdleQuery {
+        credentials: Option<u8>,
+    },
+    Ping {
+        nonce: u64,
+    },
 }
 
 #[derive(Arbitrary, Clone, Debug)]
@@ -99,11 +122,13 @@ enum Reply {
         peer: u8,
     },
     Refused,
-    /// A registry entry (possibly of another name than asked), or none.
-    Service {
+    /// A registry entry (possibly of another name than asked, or signed by a
+    /// stranger), or none.
+    Entry {
         service: Option<u8>,
+        by_operator: bool,
     },
-    Services,
+    Entries,
     Done,
     Idle {
         seconds: u64,
@@ -125,11 +150,23 @@ fn service_name(i: u8) -> &'static str {
     SERVICES[i as usize % SERVICES.len()]
 }
 
+/// The operator every node here trusts.
+fn operator() -> SecretKey {
+    SecretKey::from_bytes([1; 32])
+}
+
+fn entry(name: &str, version: u64, info: Option<ServiceInfo>, by_operator: bool) -> SignedEntry {
+    let key = if by_operator { operator() } else { SecretKey::from_bytes([66; 32]) };
+    SignedEntry::sign(name.into(), version, info, &key)
+}
+
+const EXEC_ROOT: &str = "/srv/physarum";
+
 fn service_info(name: &str, soft_ms: u64, hard_ms: u64) -> ServiceInfo {
     ServiceInfo {
         name: name.into(),
         hash: ContentHash(format!("hash-{name}")),
-        run: RunSpec::Exec { program: name.into(), args: vec![] },
+        run: RunSpec::Exec { program: format!("{EXEC_ROOT}/{name}"), args: vec![], env: vec![] },
         requirements: Requirements::rtt(Duration::from_millis(soft_ms), Duration::from_millis(hard_ms)),
         cpu_millis: 100,
         memory_mb: 32,
@@ -178,11 +215,22 @@ impl Driver {
             PeerId(LOCAL.into()),
             Requirements::rtt(Duration::from_millis(100), Duration::from_millis(1000)),
         );
+        config.trust.operators = Operators::new(vec![operator().public()]);
         if case.allocator {
-            config.allocator = Some(AllocatorConfig { max_instances: 2, ..AllocatorConfig::default() });
+            config.allocator = Some(AllocatorConfig {
+                max_instances: 2,
+                exec_roots: vec![EXEC_ROOT.into()],
+                ..AllocatorConfig::default()
+            });
+            let key = SecretKey::from_bytes([7; 32]);
+            let grant = Grant::sign(PeerId(LOCAL.into()), key.public(), &operator());
+            config.trust.issuer = Some(Issuer::allocator(key, grant).expect("the grant names the key"));
         }
         if case.registry {
-            config.registry = Some(vec![service_info("s0", 50, 100), service_info("s1", 20, 40)]);
+            config.registry = Some(vec![
+                entry("s0", 1, Some(service_info("s0", 50, 100)), true),
+                entry("s1", 1, Some(service_info("s1", 20, 40)), true),
+            ]);
         }
         if case.serve {
             config.serve = Some("s0".into());
@@ -229,19 +277,12 @@ impl Driver {
                 self.input(Input::HttpRequest { req, service: service_name(*service).into(), deadline });
             }
             Step::RouteFailed { nth, peer: p } => {
-                let routed: Vec<_> = self
-                    .responded
-                    .values()
-                    .filter_map(|o| match o {
-                        Outcome::Route { instance, service } => Some((service.clone(), instance.peer.clone())),
-                        Outcome::Fail { .. } => None,
-                    })
-                    .collect();
-                let (service, peer) = match routed.get(*nth as usize % routed.len().max(1)) {
-                    Some(r) => r.clone(),
-                    None => (ContentHash(format!("hash-{}", service_name(*nth))), peer(*p).peer),
-                };
+                let (service, peer) = self.routed(*nth, *p);
                 self.input(Input::RouteFailed { service, peer, reason: "fuzz".into() });
+            }
+            Step::Untrusted { nth, peer: p } => {
+                let (service, peer) = self.routed(*nth, *p);
+                self.input(Input::Untrusted { service, peer, reason: "fuzz".into() });
             }
             Step::TunnelServed => self.input(Input::TunnelServed),
             Step::PeerRequest { from, request } => {
@@ -253,14 +294,20 @@ impl Driver {
                     PeerRequest::RegistryGet { service } => {
                         Request::RegistryGet { name: service_name(*service).into() }
                     }
-                    PeerRequest::RegistryList => Request::RegistryList,
-                    PeerRequest::RegistryPut { service, soft_ms, hard_ms } => Request::RegistryPut {
-                        info: service_info(service_name(*service), u64::from(*soft_ms), u64::from(*hard_ms)),
-                    },
-                    PeerRequest::RegistryDelete { service } => {
-                        Request::RegistryDelete { name: service_name(*service).into() }
+                    PeerRequest::RegistryList { after } => {
+                        Request::RegistryList { after: after.map(|s| service_name(s).into()) }
                     }
-                    PeerRequest::IdleQuery => Request::IdleQuery,
+                    PeerRequest::RegistryPut { service, version, by_operator, limits } => {
+                        let name = service_name(*service);
+                        let info = limits.map(|(soft, hard)| service_info(name, soft.into(), hard.into()));
+                        Request::RegistryPut { entry: Box::new(entry(name, (*version).into(), info, *by_operator)) }
+                    }
+                    PeerRequest::IdleQuery { credentials } => Request::IdleQuery {
+                        credentials: credentials.map(|s| {
+                            let hash = ContentHash(format!("hash-{}", service_name(s)));
+                            Box::new(Issuer::operator(operator()).issue(PeerId(LOCAL.into()), hash, u64::MAX))
+                        }),
+                    },
                     PeerRequest::Ping { nonce } => Request::Ping { nonce: *nonce },
                 };
                 self.input(Input::PeerRequest { id, from: peer(*from).peer, request });
@@ -294,6 +341,22 @@ impl Driver {
             Step::InstanceExited { instance } => {
                 self.instance_event(*instance, |instance| Input::InstanceExited { instance })
             }
+        }
+    }
+
+    /// The service and instance of the n-th routed request, or made-up ones.
+    fn routed(&self, nth: u8, p: u8) -> (ContentHash, PeerId) {
+        let routed: Vec<_> = self
+            .responded
+            .values()
+            .filter_map(|o| match o {
+                Outcome::Route { instance, service } => Some((service.clone(), instance.peer.clone())),
+                Outcome::Fail { .. } => None,
+            })
+            .collect();
+        match routed.get(nth as usize % routed.len().max(1)) {
+            Some(r) => r.clone(),
+            None => (ContentHash(format!("hash-{}", service_name(nth))), peer(p).peer),
         }
     }
 
@@ -384,7 +447,7 @@ impl Driver {
                     assert!(self.started.contains(instance), "stop of instance {instance} never started");
                 }
                 Output::PersistRegistry { .. } => assert!(self.roles.1, "persisting without the registry role"),
-                Output::Advertise { .. } | Output::Event(_) => {}
+                Output::Advertise { .. } | Output::ServeCredentials { .. } | Output::Event(_) => {}
             }
             self.log.push((self.now, out));
         }
@@ -399,10 +462,15 @@ fn answer(a: &Answer) -> OpResult {
         Answer::Response(r) => OpResult::Response(match r {
             Reply::Allocated { peer: p } => Response::Allocated { instance: peer(*p) },
             Reply::Refused => Response::Refused { reason: "fuzz".into() },
-            Reply::Service { service } => {
-                Response::Service { info: service.map(|s| service_info(service_name(s), 50, 100)) }
+            Reply::Entry { service, by_operator } => Response::Entry {
+                entry: service.map(|s| {
+                    let name = service_name(s);
+                    Box::new(entry(name, 1, Some(service_info(name, 50, 100)), *by_operator))
+                }),
+            },
+            Reply::Entries => {
+                Response::Entries { entries: vec![entry("s0", 1, Some(service_info("s0", 50, 100)), true)], next: None }
             }
-            Reply::Services => Response::Services { infos: vec![service_info("s0", 50, 100)] },
             Reply::Done => Response::Done,
             Reply::Idle { seconds } => Response::Idle { seconds: *seconds },
             Reply::Pong { nonce } => Response::Pong { nonce: *nonce },
