@@ -19,8 +19,13 @@ async fn read_msg<T: DeserializeOwned, R: AsyncRead + Unpin + Send>(io: &mut R) 
     io.read_exact(&mut prefix).await?;
     // Checks MAX_FRAME before anything is allocated.
     let len = wire::frame_len(prefix).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    let mut body = vec![0u8; len];
-    io.read_exact(&mut body).await?;
+    // Grow the buffer as bytes arrive: a peer that announces a large frame and
+    // sends nothing more must not make us allocate it.
+    let mut body = Vec::new();
+    io.take(len as u64).read_to_end(&mut body).await?;
+    if body.len() < len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
     wire::decode_body(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
@@ -90,6 +95,50 @@ mod tests {
             // Garbage is an error, not a panic.
             let junk = [0, 0, 0, 3, 1, 0xff, 0xff];
             assert!(WireCodec.read_request(&RR_PROTOCOL, &mut &junk[..]).await.is_err());
+            // A frame cut short is an error too.
+            let cut = &buf[..buf.len() - 1];
+            let err = WireCodec.read_request(&RR_PROTOCOL, &mut &cut[..]).await.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         });
+    }
+
+    /// Hands out its bytes, then never more (a peer that stopped sending); records
+    /// the largest buffer it was asked to fill.
+    struct Stalling {
+        bytes: Vec<u8>,
+        largest_read: usize,
+    }
+
+    impl AsyncRead for Stalling {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut [u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            self.largest_read = self.largest_read.max(buf.len());
+            if self.bytes.is_empty() {
+                return std::task::Poll::Pending;
+            }
+            let n = buf.len().min(self.bytes.len());
+            buf[..n].copy_from_slice(&self.bytes[..n]);
+            self.bytes.drain(..n);
+            std::task::Poll::Ready(Ok(n))
+        }
+    }
+
+    #[test]
+    fn an_announced_frame_is_not_allocated_before_its_bytes_arrive() {
+        use std::future::Future;
+        let mut bytes = (wire::MAX_FRAME as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(&[1; 10]);
+        let mut peer = Stalling { bytes, largest_read: 0 };
+        let (mut codec, protocol) = (WireCodec, RR_PROTOCOL);
+        {
+            let read = std::pin::pin!(codec.read_request(&protocol, &mut peer));
+            let polled = read.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+            assert!(polled.is_pending());
+        }
+        assert!(peer.bytes.is_empty(), "all sent bytes were read");
+        assert!(peer.largest_read < 4096, "a buffer of {} bytes for 10 received", peer.largest_read);
     }
 }

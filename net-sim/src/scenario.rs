@@ -379,6 +379,11 @@ impl fmt::Display for ScenarioError {
 
 impl std::error::Error for ScenarioError {}
 
+/// Bounds that keep a scenario file from asking for unbounded memory or time
+/// before the run even starts (every step and request is listed up front).
+pub const MAX_SWEEP_STEPS: u32 = 10_000;
+pub const MAX_REQUESTS: u64 = 1_000_000;
+
 impl Scenario {
     /// Parse a scenario file's JSON text and validate it.
     pub fn from_json(text: &str) -> Result<Scenario, ScenarioError> {
@@ -495,11 +500,17 @@ impl Scenario {
                         return err("latency fault: rtt_ms out of range".into());
                     }
                 }
-                Fault::LatencySweep { a, b, from_ms, to_ms, steps, .. } => {
+                Fault::LatencySweep { a, b, from_ms, to_ms, steps, every_ms } => {
                     check(a)?;
                     check(b)?;
                     if !rtt_ok(*from_ms) || !rtt_ok(*to_ms) || *steps == 0 {
                         return err("latency sweep: rtt out of range or zero steps".into());
+                    }
+                    if *steps > MAX_SWEEP_STEPS {
+                        return err(format!("latency sweep: more than {MAX_SWEEP_STEPS} steps"));
+                    }
+                    if every_ms.checked_mul(u64::from(*steps)).and_then(|d| d.checked_add(s.at_ms)).is_none() {
+                        return err("latency sweep: its last step is beyond any time".into());
                     }
                 }
                 Fault::Loss { a, b, rate } => {
@@ -528,6 +539,14 @@ impl Scenario {
             if w.deadline_ms == 0 {
                 return err(format!("workload of {:?}: deadline_ms must be positive", w.client));
             }
+            if w.start_ms.checked_add(w.duration_ms).is_none() {
+                return err(format!("workload of {:?}: it ends beyond any time", w.client));
+            }
+        }
+        let requests: f64 =
+            self.workloads.iter().map(|w| f64::from(w.burst) + w.rate_per_s * w.duration_ms as f64 / 1000.0).sum();
+        if requests > MAX_REQUESTS as f64 {
+            return err(format!("the workloads send more than {MAX_REQUESTS} requests"));
         }
         Ok(())
     }
@@ -566,7 +585,7 @@ impl Scenario {
                 let gap = 1000.0 / w.rate_per_s;
                 let mut k = 0u64;
                 loop {
-                    let at = w.start_ms + (k as f64 * gap).round() as u64;
+                    let at = w.start_ms.saturating_add((k as f64 * gap).round() as u64);
                     if at >= w.start_ms + w.duration_ms {
                         break;
                     }
@@ -799,5 +818,44 @@ mod tests {
         let e = ScenarioBuilder::new("t", 1000).client("c").build().unwrap_err();
         assert!(e.0.contains("bootstrap"), "{e}");
         assert!(Scenario::from_json("{\"name\": 1}").is_err());
+    }
+
+    /// Found by the `scenario` fuzz target: each of these files made reading a
+    /// scenario panic on an overflow or run out of memory listing its steps and
+    /// requests; now each is a clear error.
+    #[test]
+    fn scenarios_asking_for_unbounded_work_are_refused() {
+        fn sweep(at_ms: u64, steps: u32, every_ms: u64) -> Scheduled {
+            let (a, b) = ("c".into(), "alloc".into());
+            Scheduled { at_ms, fault: Fault::LatencySweep { a, b, from_ms: 1.0, to_ms: 2.0, steps, every_ms } }
+        }
+        type Change = fn(&mut Scenario);
+        let cases: [(&str, Change); 5] = [
+            ("more than 10000 steps", |s| s.schedule.push(sweep(0, u32::MAX, 1))),
+            ("beyond any time", |s| s.schedule.push(sweep(u64::MAX, 2, u64::MAX))),
+            ("more than 1000000 requests", |s| s.workloads[1].burst = u32::MAX),
+            ("beyond any time", |s| s.workloads[0].start_ms = u64::MAX),
+            ("more than 1000000 requests", |s| {
+                s.workloads[0].rate_per_s = 10_000.0;
+                s.workloads[0].duration_ms = u64::MAX / 2;
+            }),
+        ];
+        for (want, change) in cases {
+            let mut s = small();
+            change(&mut s);
+            let e = Scenario::from_json(&s.to_json()).unwrap_err();
+            assert!(e.0.contains(want), "{want:?}: {e}");
+        }
+    }
+
+    /// A rate so low that the second request would come after the end of time.
+    #[test]
+    fn a_vanishing_rate_sends_one_request() {
+        let mut s = small();
+        s.workloads[0].start_ms = u64::MAX - 10;
+        s.workloads[0].duration_ms = 10;
+        s.workloads[0].rate_per_s = 1e-300;
+        let s = Scenario::from_json(&s.to_json()).unwrap();
+        assert_eq!(s.request_times().iter().filter(|(_, w)| *w == 0).count(), 1);
     }
 }

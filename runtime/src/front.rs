@@ -8,7 +8,7 @@ use crate::node_loop::NodeHandle;
 use crate::transport::{Listener, Observer, Transport};
 use crate::tunnel::{SendFailure, TunnelPool};
 use hyper::body::{Body as _, Incoming};
-use hyper::http::uri::PathAndQuery;
+use hyper::http::uri::{InvalidUri, PathAndQuery};
 use hyper::{Request, Response, Uri};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use physarum_core::io::{Input, Outcome};
@@ -58,13 +58,21 @@ pub(crate) async fn serve<L: Listener, T: Transport>(mut listener: L, ctx: Rc<Fr
 }
 
 /// Split `/<service>/<rest>` into the service and the path to forward (`/<rest>`).
-pub(crate) fn split_path(path: &str) -> Option<(&str, &str)> {
+pub fn split_path(path: &str) -> Option<(&str, &str)> {
     let path = path.strip_prefix('/')?;
     let (service, rest) = match path.find('/') {
         Some(i) => (&path[..i], &path[i..]),
         None => (path, "/"),
     };
     (!service.is_empty()).then_some((service, rest))
+}
+
+/// The target sent on to the instance: `/<rest>` (from [`split_path`]) and the query.
+pub fn forward_path(rest: &str, query: Option<&str>) -> Result<PathAndQuery, InvalidUri> {
+    match query {
+        Some(q) => format!("{rest}?{q}").parse(),
+        None => rest.parse(),
+    }
 }
 
 async fn handle<T: Transport>(ctx: &FrontCtx<T>, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -81,11 +89,7 @@ async fn route<T: Transport>(ctx: &FrontCtx<T>, req: Request<Incoming>) -> (Stri
     let service = service.to_string();
     // One deadline covers deciding and forwarding, up to the response head.
     let deadline = tokio::time::Instant::now() + ctx.request_deadline;
-    let forward = match req.uri().query() {
-        Some(q) => format!("{rest}?{q}"),
-        None => rest.to_string(),
-    };
-    let forward = match forward.parse::<PathAndQuery>() {
+    let forward = match forward_path(rest, req.uri().query()) {
         Ok(pq) => Uri::from(pq),
         Err(e) => return (service, text_response(400, format!("bad path: {e}"))),
     };

@@ -198,14 +198,20 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(r: &mut R) ->
     let mut prefix = [0u8; wire::LEN_PREFIX];
     r.read_exact(&mut prefix).await?;
     let len = wire::frame_len(prefix).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
+    // Grow the buffer as bytes arrive: a peer that announces a large frame and
+    // sends nothing more must not make us allocate it.
+    let mut body = Vec::new();
+    r.take(len as u64).read_to_end(&mut body).await?;
+    if body.len() < len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
     wire::decode_body(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
 
     #[test]
     fn hop_by_hop_headers_go_and_end_to_end_ones_stay() {
@@ -221,5 +227,53 @@ mod tests {
         let mut left: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
         left.sort();
         assert_eq!(left, vec!["content-type", "x-kept"]);
+    }
+
+    /// Hands out its bytes, then never more (a peer that stopped sending); records
+    /// the largest buffer it was asked to fill.
+    struct Stalling {
+        bytes: Vec<u8>,
+        largest_read: usize,
+    }
+
+    impl AsyncRead for Stalling {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            self.largest_read = self.largest_read.max(buf.remaining());
+            if self.bytes.is_empty() {
+                return Poll::Pending;
+            }
+            let n = buf.remaining().min(self.bytes.len());
+            buf.put_slice(&self.bytes[..n]);
+            self.bytes.drain(..n);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn an_announced_frame_is_not_allocated_before_its_bytes_arrive() {
+        let mut bytes = (wire::MAX_FRAME as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(&[1; 10]);
+        let mut peer = Stalling { bytes, largest_read: 0 };
+        {
+            let read = std::pin::pin!(read_frame::<_, wire::TunnelHello>(&mut peer));
+            let polled = read.poll(&mut Context::from_waker(std::task::Waker::noop()));
+            assert!(polled.is_pending());
+        }
+        assert!(peer.bytes.is_empty(), "all sent bytes were read");
+        assert!(peer.largest_read < 4096, "a buffer of {} bytes for 10 received", peer.largest_read);
+    }
+
+    #[test]
+    fn a_frame_cut_short_is_an_error() {
+        let frame = wire::encode(&wire::TunnelHello { service: "hello".into() }).unwrap();
+        let cut = &frame[..frame.len() - 1];
+        let err = futures::executor::block_on(read_frame::<_, wire::TunnelHello>(&mut &cut[..])).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+        let whole = futures::executor::block_on(read_frame::<_, wire::TunnelHello>(&mut &frame[..])).unwrap();
+        assert_eq!(whole.service, "hello");
     }
 }

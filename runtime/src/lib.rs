@@ -39,6 +39,7 @@ pub mod node_loop;
 pub mod transport;
 pub mod tunnel;
 
+pub use front::{forward_path, split_path};
 pub use node_loop::{NodeHandle, NodeRuntime, Running, RuntimeConfig, ServingRequest};
 pub use transport::{
     inbound_channel, ByteStream, Connector, ExitSink, Inbound, InboundRequest, InboundSenders, InboundTunnel,
