@@ -58,6 +58,17 @@ pub struct AllocatorCli {
     /// Give up on an instance not reachable within this many seconds
     #[arg(long, value_name = "SECS", default_value_t = 20)]
     pub start_timeout: u64,
+    /// How instances run: registered executables as child processes, or
+    /// registered images as Docker containers (host networking)
+    #[arg(long, value_enum, default_value_t = DriverKind::Process)]
+    pub driver: DriverKind,
+}
+
+/// The allocator's instance driver.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DriverKind {
+    Process,
+    Docker,
 }
 
 /// The proxy: forwards `METHOD /<service>/<rest>` requests on 127.0.0.1:PORT to an
@@ -256,6 +267,10 @@ mod tests {
         assert_eq!(a.net.psk.as_deref(), Some("pw"));
         assert_eq!(a.net.key, Some(PathBuf::from("k")));
         assert_eq!(a.metrics, ":9101");
+        assert_eq!(a.driver, DriverKind::Process);
+        let a = AllocatorCli::try_parse_from(["allocator", "--driver", "docker"]).unwrap();
+        assert_eq!(a.driver, DriverKind::Docker);
+        assert!(AllocatorCli::try_parse_from(["allocator", "--driver", "vm"]).is_err());
     }
 
     #[test]

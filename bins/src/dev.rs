@@ -141,6 +141,7 @@ fn seed_registry(data_dir: &Path, physarum: &Path) -> Result<()> {
         cpu_req: 100,
         memory_req: 16,
         stateful: false,
+        client_mode: false,
     };
     let info = config.to_service_info(None, Path::new("/"))?;
     entries.retain(|e| e.name != HELLO_SERVICE);

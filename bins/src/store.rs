@@ -177,6 +177,7 @@ mod tests {
             cpu_millis: 1,
             memory_mb: 2,
             stateful: true,
+            client_mode: false,
         }
     }
 

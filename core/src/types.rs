@@ -62,6 +62,9 @@ pub struct ServiceInfo {
     /// Memory the instance needs, in MiB.
     pub memory_mb: u32,
     pub stateful: bool,
+    /// The instance only makes requests: its sidecar runs in anonymous mode.
+    #[serde(default)]
+    pub client_mode: bool,
 }
 
 /// Keys nodes advertise and look up in the DHT.

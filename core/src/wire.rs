@@ -214,6 +214,7 @@ mod tests {
                 cpu_millis,
                 memory_mb,
                 stateful,
+                client_mode: false,
             })
     }
 
@@ -455,6 +456,7 @@ mod tests {
             cpu_millis: 0,
             memory_mb: 0,
             stateful: false,
+            client_mode: false,
         };
         let good = encode(&Request::RegistryPut { info }).unwrap();
         // Re-encode the nanos field (a varint 0, just after the secs varint).

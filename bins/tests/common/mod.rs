@@ -3,6 +3,8 @@
 //! (guards kill on drop), speak plain HTTP/1.1.
 #![allow(dead_code)]
 
+pub mod docker;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -507,6 +509,11 @@ impl Cluster {
     }
 
     pub fn start_allocator(&mut self) {
+        self.start_allocator_with(&[]);
+    }
+
+    /// Start allocator N (the next number) with extra arguments.
+    pub fn start_allocator_with(&mut self, extra: &[&str]) {
         let i = self.allocators.len();
         let name = format!("allocator{i}");
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -514,6 +521,7 @@ impl Cluster {
         self.net_args(&mut cmd, &name);
         cmd.arg("--metrics").arg(metrics.to_string());
         cmd.arg("--instance-dir").arg(self.dir.path().join(format!("{name}-instances")));
+        cmd.args(extra);
         self.allocators.push(Daemon { proc: Proc::spawn(&name, cmd, self.dir.path()), metrics });
         self.wait_daemon_up(&name);
     }
