@@ -211,6 +211,10 @@ pub struct DevArgs {
     /// Private network passphrase for the cluster [default: none]
     #[arg(long, value_name = "PASSPHRASE")]
     pub psk: Option<String>,
+    /// How the allocators run instances: `docker` builds the demo image when it is
+    /// missing (images/build.sh) and registers it instead of the executable
+    #[arg(long, value_enum, default_value_t = DriverKind::Process)]
+    pub driver: DriverKind,
 }
 
 /// ADDRESS of the proxy's service mode: an IP (port 8080), or IP:PORT; `localhost` is 127.0.0.1.

@@ -7,7 +7,7 @@
 //! is `physarum hello`. Ctrl-C or SIGTERM stops them all, allocators stopping their instances
 //! first, and children die with this process however it ends (PR_SET_PDEATHSIG).
 
-use crate::cli::DevArgs;
+use crate::cli::{DevArgs, DriverKind};
 use crate::service_config::{ExecConfig, ServiceConfig};
 use crate::store::RegistryStore;
 use anyhow::{bail, Context, Result};
@@ -127,19 +127,47 @@ impl Cluster {
     }
 }
 
+/// The demo image `physarum dev --driver docker` builds and registers.
+pub const HELLO_IMAGE: &str = "physarum/hello:dev";
+
+/// Build [`HELLO_IMAGE`] from this executable unless it is up to date, with the
+/// repository's `images/build.sh`.
+fn build_hello_image(physarum: &Path) -> Result<()> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/build.sh");
+    if !script.is_file() {
+        bail!("cannot build the demo image: {} is missing (run physarum dev from the repository)", script.display());
+    }
+    let status = std::process::Command::new("bash")
+        .arg(&script)
+        .arg("--physarum")
+        .arg(physarum)
+        .arg("--tag")
+        .arg(HELLO_IMAGE)
+        .status()
+        .with_context(|| format!("cannot run {}", script.display()))?;
+    if !status.success() {
+        bail!("building the demo image {HELLO_IMAGE} failed ({status}); is the Docker engine running?");
+    }
+    Ok(())
+}
+
 /// Register (or refresh) the bundled `hello-world-server` in the store: this
-/// executable's `hello` subcommand.
-fn seed_registry(data_dir: &Path, physarum: &Path) -> Result<()> {
+/// executable's `hello` subcommand, or the demo image.
+fn seed_registry(data_dir: &Path, physarum: &Path, image: Option<&str>) -> Result<()> {
     let store = RegistryStore::open(data_dir)?;
     let mut entries = store.load()?;
     let config = ServiceConfig {
         name: Some(HELLO_SERVICE.into()),
-        exec: Some(ExecConfig { program: physarum.display().to_string(), args: vec!["hello".into()] }),
-        image: None,
+        exec: match image {
+            Some(_) => None,
+            None => Some(ExecConfig { program: physarum.display().to_string(), args: vec!["hello".into()] }),
+        },
+        image: image.map(str::to_string),
         network_soft_req: 100,
         network_hard_req: 1000,
         cpu_req: 100,
-        memory_req: 16,
+        // A container's limit covers its sidecar and shell too.
+        memory_req: if image.is_some() { 64 } else { 16 },
         stateful: false,
         client_mode: false,
     };
@@ -168,7 +196,14 @@ pub async fn run(args: DevArgs) -> Result<()> {
         &conf,
         "{\"Perf\": {\"SoftReq\": {\"RTT\": 100}, \"HardReq\": {\"RTT\": 1000}}, \"Bootstraps\": []}\n",
     )?;
-    seed_registry(&data_dir, &exe)?;
+    let image = match args.driver {
+        DriverKind::Docker => {
+            build_hello_image(&exe)?;
+            Some(HELLO_IMAGE)
+        }
+        DriverKind::Process => None,
+    };
+    seed_registry(&data_dir, &exe, image)?;
 
     let mut cluster =
         Cluster { logs: root.join("logs"), root: root.clone(), exe, conf: conf.clone(), daemons: Vec::new() };
@@ -242,6 +277,9 @@ async fn run_cluster(c: &mut Cluster, args: &DevArgs, data_dir: &Path, proxy_add
             "--instance-dir".into(),
             c.root.join(format!("{name}-instances")).display().to_string(),
         ]);
+        if args.driver == DriverKind::Docker {
+            a.extend(["--driver".into(), "docker".into()]);
+        }
         c.spawn(&name, "allocator", &a, m)?;
         alloc_names.push(name);
         alloc_metrics.push(m);
@@ -261,11 +299,14 @@ async fn run_cluster(c: &mut Cluster, args: &DevArgs, data_dir: &Path, proxy_add
     println!("  registry     data in {}", data_dir.display());
     println!("               metrics http://{reg_metrics}/metrics");
     for (name, m) in alloc_names.iter().zip(&alloc_metrics) {
-        println!("  {name:12} process driver, metrics http://{m}/metrics");
+        println!("  {name:12} {} driver, metrics http://{m}/metrics", format!("{:?}", args.driver).to_lowercase());
     }
     println!("  proxy        http://{proxy_addr}  (anonymous mode)");
     println!("               metrics http://{proxy_metrics}/metrics");
-    println!("  service      {HELLO_SERVICE} -> {} hello", c.exe.display());
+    match args.driver {
+        DriverKind::Process => println!("  service      {HELLO_SERVICE} -> {} hello", c.exe.display()),
+        DriverKind::Docker => println!("  service      {HELLO_SERVICE} -> image {HELLO_IMAGE}"),
+    }
     println!("  logs         {}", c.logs.display());
     println!();
     println!("Try:");

@@ -32,7 +32,9 @@ fn wait_containers(label: &str, n: usize, timeout: Duration, c: &Cluster) -> Vec
         let ids = containers_labelled(label);
         (ids.len() == n).then_some(ids)
     })
-    .unwrap_or_else(|| panic!("expected {n} containers labelled {label}: {:?}\n{}", containers_labelled(label), c.logs()))
+    .unwrap_or_else(|| {
+        panic!("expected {n} containers labelled {label}: {:?}\n{}", containers_labelled(label), c.logs())
+    })
 }
 
 const DOCKER_ALLOCATOR: &[&str] = &["--driver", "docker", "--idle-limit", "3", "--cull-interval", "1"];
@@ -139,8 +141,9 @@ fn docker_driver_errors_reach_the_client() {
     assert!(containers_labelled(&owner).is_empty());
 }
 
-/// Cold-start time with the docker driver: 20 services of the same image, each
-/// first request allocates a container. Run with
+/// Cold-start time with the docker driver: 20 services, each a tag of the test
+/// image (another reference is another content hash), each first request
+/// allocates a container. Run with
 /// `cargo test -p physarum --test docker -- --ignored --nocapture cold_start`.
 #[test]
 #[ignore]
@@ -156,8 +159,11 @@ fn cold_start_benchmark() {
     c.start_proxy();
     let owner = format!("physarum.allocator={}", allocator_peer(&c, 0));
     let _guard = DockerGuard::new(owner);
-    for i in 0..runs {
-        register_image(&c, &format!("bench-{i}"), TEST_IMAGE, 0, 0);
+    let tags: Vec<String> = (0..runs).map(|i| format!("physarum/hello:bench-{i}")).collect();
+    let _untag = Untag(tags.clone());
+    for (i, tag) in tags.iter().enumerate() {
+        docker_ok(&["tag", TEST_IMAGE, tag]);
+        register_image(&c, &format!("bench-{i}"), tag, 0, 0);
     }
     let mut times = Vec::new();
     for i in 0..runs {
@@ -175,4 +181,15 @@ fn cold_start_benchmark() {
         times[0],
         times[times.len() - 1]
     );
+}
+
+/// Removes image tags on drop.
+struct Untag(Vec<String>);
+
+impl Drop for Untag {
+    fn drop(&mut self) {
+        let mut args = vec!["rmi"];
+        args.extend(self.0.iter().map(String::as_str));
+        let _ = docker(&args);
+    }
 }

@@ -187,8 +187,10 @@ impl DockerDriver {
     async fn remove_container(&self, container: &str) {
         let grace = i32::try_from(self.shared.config.stop_grace.as_secs()).unwrap_or(3);
         let _ = self.docker.stop_container(container, Some(StopContainerOptionsBuilder::new().t(grace).build())).await;
-        if let Err(e) =
-            self.docker.remove_container(container, Some(RemoveContainerOptionsBuilder::new().force(true).build())).await
+        if let Err(e) = self
+            .docker
+            .remove_container(container, Some(RemoveContainerOptionsBuilder::new().force(true).build()))
+            .await
         {
             if !is_not_found(&e) {
                 tracing::warn!("{}", engine_error(&format!("cannot remove container {container}"), e));
@@ -225,8 +227,11 @@ impl DockerDriver {
     async fn log_tail(&self, container: &str) -> String {
         let opts = LogsOptionsBuilder::new().stdout(true).stderr(true).tail("5").build();
         let chunks: Vec<_> = self.docker.logs(container, Some(opts)).take(64).collect().await;
-        let text: String =
-            chunks.into_iter().filter_map(Result::ok).map(|c| String::from_utf8_lossy(&c.into_bytes()).into_owned()).collect();
+        let text: String = chunks
+            .into_iter()
+            .filter_map(Result::ok)
+            .map(|c| String::from_utf8_lossy(&c.into_bytes()).into_owned())
+            .collect();
         let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
         if lines.is_empty() {
             String::new()
@@ -298,10 +303,8 @@ impl DockerDriver {
             ..Default::default()
         };
         let name = self.container_name(instance);
-        let created = self
-            .docker
-            .create_container(Some(CreateContainerOptionsBuilder::new().name(&name).build()), body)
-            .await;
+        let created =
+            self.docker.create_container(Some(CreateContainerOptionsBuilder::new().name(&name).build()), body).await;
         if let Err(e) = created {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(engine_error(&format!("cannot create a container of {image} for {}", service.name), e));
