@@ -293,7 +293,7 @@ fn partitions_pauses_and_losses_are_survived() {
     let failed_over = loop {
         match http(mh.client(), "GET", &format!("/{SERVICE}/hello"), b"", Duration::from_secs(30)) {
             Ok(r) if r.status == 200 => break true,
-            Ok(r) => seen.push(format!("{} after {:?}", r.status, t_pause.elapsed())),
+            Ok(r) => seen.push(format!("{} {:.120} after {:?}", r.status, r.text().trim(), t_pause.elapsed())),
             Err(e) => seen.push(format!("{e} after {:?}", t_pause.elapsed())),
         }
         if t_pause.elapsed() > Duration::from_secs(60) {
