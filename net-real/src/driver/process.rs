@@ -737,6 +737,51 @@ s.bind(("127.0.0.1", int(os.environ["SERVICE_PORT"]))); s.listen(); time.sleep(6
         fs::remove_dir_all(&dir).unwrap();
     }
 
+    #[tokio::test]
+    async fn a_client_mode_instance_runs_an_anonymous_sidecar_and_need_not_listen() {
+        if !has_python() {
+            eprintln!("skipped: python3 is not available for the fake sidecar");
+            return;
+        }
+        let dir = tempdir("client");
+        // A fake sidecar: P2P port from --listen, metrics from --metrics (anonymous
+        // mode) or the last argument (service mode).
+        let proxy = script(
+            &dir,
+            "proxy",
+            r#"echo "$@" > args.txt
+exec python3 - "$@" <<'EOF'
+import socket, sys, http.server
+args = sys.argv[1:]
+listen = args[args.index("--listen") + 1].split("/")
+p2p = socket.socket(); p2p.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+p2p.bind((listen[2], int(listen[4]))); p2p.listen()
+host, port = args[args.index("--metrics") + 1].split(":") if "--metrics" in args else ("127.0.0.1", args[-1])
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+    def log_message(self, *a): pass
+http.server.HTTPServer((host, int(port)), H).serve_forever()
+EOF"#,
+        );
+        let mut cfg = ProcessDriverConfig::new(proxy, dir.join("work"));
+        cfg.ready_timeout = Duration::from_secs(3);
+        let d = ProcessDriver::new(cfg).unwrap();
+        // The application only makes requests: it never listens on SERVICE_PORT.
+        let mut svc = service(&script(&dir, "app", "exec sleep 60"), &[]);
+        svc.client_mode = true;
+        let (exits, _rx) = ExitSink::channel();
+        d.start(InstanceId(1), svc.clone(), exits.clone()).await.unwrap();
+        let args = fs::read_to_string(dir.join("work/instance-1/args.txt")).unwrap();
+        assert!(args.contains("--metrics 127.0.0.1:") && !args.contains(" svc "), "{args}");
+        d.shutdown().await;
+        // The same application as a service is never reachable.
+        svc.client_mode = false;
+        let err = d.start(InstanceId(2), svc, exits).await.unwrap_err();
+        assert!(err.contains("not reachable within"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// The pids the driver tracks for the instance whose directory is `dir`, found
     /// through /proc (processes whose cwd is that directory): application first.
     fn pids_of(dir: &Path) -> Vec<u32> {
