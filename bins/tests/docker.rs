@@ -133,12 +133,38 @@ fn docker_driver_errors_reach_the_client() {
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.text().contains("not enough CPU"), "{}", r.text());
 
+    // A container that exits while starting: its exit status and log.
+    let failing = "physarum/hello:test-fails-at-start";
+    let _untag = Untag(vec![failing.to_string()]);
+    let created = docker_ok(&["create", "--label", &owner, TEST_IMAGE]);
+    docker_ok(&[
+        "commit",
+        "--change",
+        r#"ENTRYPOINT ["/bin/sh", "-c", "echo cannot bind: boom >&2; exit 3"]"#,
+        &created,
+        failing,
+    ]);
+    docker_ok(&["rm", &created]);
+    register_image(&c, "fails-at-start", failing, 0, 0);
+    let r = get(c.proxy_addr, "/fails-at-start/hello").unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("the container exited with status 3"), "{}", r.text());
+    assert!(r.text().contains("cannot bind: boom"), "{}", r.text());
+
     // An executable on a docker allocator.
     c.register_hello("an-executable");
     let r = get(c.proxy_addr, "/an-executable/hello").unwrap();
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.text().contains("runs container images"), "{}", r.text());
     assert!(containers_labelled(&owner).is_empty());
+
+    // No engine: the allocator says so and exits.
+    let mut cmd = command("allocator", c.dir.path());
+    cmd.args(["--driver", "docker", "--bootstrap", &c.bootstrap_addr, "--metrics", "127.0.0.1:0"])
+        .env("DOCKER_HOST", format!("unix://{}/no-docker.sock", c.dir.path().display()));
+    let (ok, out, err) = run_bounded(cmd, Duration::from_secs(30));
+    assert!(!ok, "{out}\n{err}");
+    assert!(err.contains("cannot reach the Docker engine"), "{out}\n{err}");
 }
 
 /// Cold-start time with the docker driver: 20 services, each a tag of the test
