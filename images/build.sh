@@ -45,6 +45,7 @@ if [ "$force" = 0 ] && [ "$(docker image inspect -f '{{index .Config.Labels "phy
     exit 0
 fi
 
+old=$(docker image inspect -f '{{.Id}}' "$tag" 2>/dev/null || true)
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 mkdir -p "$root/bin" "$root/tmp" "$root/etc"
@@ -82,4 +83,8 @@ tar -C "$root" -c . | docker import \
     --change "LABEL physarum.binary=$sum" \
     --change 'ENV RUST_LOG=info' \
     - "$tag" >/dev/null
+# The image this one replaces would be left dangling (kept while a container uses it).
+if [ -n "$old" ] && [ "$old" != "$(docker image inspect -f '{{.Id}}' "$tag")" ]; then
+    docker rmi "$old" >/dev/null 2>&1 || true
+fi
 echo "built $tag from $physarum ($(du -sh "$root" | cut -f1))"
