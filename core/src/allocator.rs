@@ -551,6 +551,7 @@ mod tests {
             cpu_millis,
             memory_mb,
             stateful: false,
+            client_mode: false,
         }
     }
 

@@ -174,6 +174,7 @@ impl Ctx {
             cpu_millis: spec.cpu_millis,
             memory_mb: spec.memory_mb,
             stateful: false,
+            client_mode: false,
         })
     }
 

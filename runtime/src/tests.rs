@@ -505,6 +505,7 @@ fn the_node_loop_runs_the_core_answers_peers_and_executes_outputs() {
             cpu_millis: 0,
             memory_mb: 0,
             stateful: false,
+            client_mode: false,
         };
         let mut config = NodeConfig::new(PeerId("A".into()), Requirements::default());
         let entry = SignedEntry::sign("hello".into(), 1, Some(info), &operator());
@@ -598,6 +599,7 @@ fn routing_to_a_cached_peer_does_not_wait_behind_a_probe() {
             cpu_millis: 0,
             memory_mb: 0,
             stateful: false,
+            client_mode: false,
         });
         let (_senders, inbound) = inbound_channel::<DuplexStream>();
         let reqs = Requirements {

@@ -3,6 +3,8 @@
 //! (guards kill on drop), speak plain HTTP/1.1.
 #![allow(dead_code)]
 
+pub mod docker;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -517,7 +519,7 @@ impl Cluster {
         self.start_allocator_with(&[]);
     }
 
-    /// Start an allocator with extra flags (`--idle-limit`, `--cull-interval`, …).
+    /// Start an allocator with extra flags (`--idle-limit`, `--cull-interval`, `--driver`, …).
     pub fn start_allocator_with(&mut self, extra: &[&str]) {
         let i = self.allocators.len();
         let daemon = self.spawn_allocator(i, extra);

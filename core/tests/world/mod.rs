@@ -43,6 +43,7 @@ pub fn service(name: &str, soft_ms: u64, hard_ms: u64) -> ServiceInfo {
         cpu_millis: 100,
         memory_mb: 32,
         stateful: false,
+        client_mode: false,
     }
 }
 
