@@ -325,9 +325,9 @@ mod tests {
         assert_eq!(a.net.key, Some(PathBuf::from("k")));
         assert_eq!(a.metrics, ":9101");
         assert_eq!(a.driver, DriverKind::Process);
-        let a = AllocatorCli::try_parse_from(["allocator", "--driver", "docker"]).unwrap();
+        let a = AllocatorCli::try_parse_from(["allocator", "--grant", "g", "--driver", "docker"]).unwrap();
         assert_eq!(a.driver, DriverKind::Docker);
-        assert!(AllocatorCli::try_parse_from(["allocator", "--driver", "vm"]).is_err());
+        assert!(AllocatorCli::try_parse_from(["allocator", "--grant", "g", "--driver", "vm"]).is_err());
     }
 
     #[test]
