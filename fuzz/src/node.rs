@@ -323,7 +323,7 @@ impl Driver {
                     self.input(Input::OpDone { op, result });
                 } else {
                     let op = match self.dead_ops.get(pick % self.dead_ops.len().max(1)) {
-                        Some(dead) if pick % 2 == 0 => *dead,
+                        Some(dead) if pick.is_multiple_of(2) => *dead,
                         _ => OpId(u64::MAX - pick as u64),
                     };
                     assert!(!self.seen_ops.contains(&op) || self.dead_ops.contains(&op));
