@@ -73,6 +73,17 @@ pub struct AllocatorCli {
     /// The user instances run as when the allocator runs as root
     #[arg(long, value_name = "USER", default_value = "nobody")]
     pub run_as: String,
+    /// How instances run: registered executables as child processes, or
+    /// registered images as Docker containers (host networking)
+    #[arg(long, value_enum, default_value_t = DriverKind::Process)]
+    pub driver: DriverKind,
+}
+
+/// The allocator's instance driver.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DriverKind {
+    Process,
+    Docker,
 }
 
 /// The proxy: forwards `METHOD /<service>/<rest>` requests on 127.0.0.1:PORT to an
@@ -246,6 +257,10 @@ pub struct DevArgs {
     /// Private network passphrase for the cluster [default: none]
     #[arg(long, value_name = "PASSPHRASE")]
     pub psk: Option<String>,
+    /// How the allocators run instances: `docker` builds the demo image when it is
+    /// missing (images/build.sh) and registers it instead of the executable
+    #[arg(long, value_enum, default_value_t = DriverKind::Process)]
+    pub driver: DriverKind,
 }
 
 /// ADDRESS of the proxy's service mode: an IP (port 8080), or IP:PORT; `localhost` is 127.0.0.1.
@@ -309,6 +324,10 @@ mod tests {
         assert_eq!(a.net.psk.as_deref(), Some("pw"));
         assert_eq!(a.net.key, Some(PathBuf::from("k")));
         assert_eq!(a.metrics, ":9101");
+        assert_eq!(a.driver, DriverKind::Process);
+        let a = AllocatorCli::try_parse_from(["allocator", "--driver", "docker"]).unwrap();
+        assert_eq!(a.driver, DriverKind::Docker);
+        assert!(AllocatorCli::try_parse_from(["allocator", "--driver", "vm"]).is_err());
     }
 
     #[test]

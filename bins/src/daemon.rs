@@ -197,6 +197,11 @@ pub fn seed() -> u64 {
     h.finish()
 }
 
+/// How long requests in flight may take to finish once SIGTERM/SIGINT came.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+/// After draining, how long written responses get to reach the wire before exit.
+const FLUSH_GRACE: Duration = Duration::from_millis(200);
+
 /// Run the node and its metrics endpoint until SIGINT/SIGTERM (`Ok`) or a failure.
 /// The metrics endpoint opens only once the node runs, so it doubles as a
 /// readiness signal. `on_ready` gets the front end's bound address.
@@ -212,13 +217,16 @@ pub async fn run<D: InstanceDriver, O: Observer>(
     on_ready: impl FnOnce(Option<SocketAddr>),
 ) -> Result<()> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let node = run_node(p2p.clone(), inbound, opts, driver, observer, move |_handle, bound| {
-        let _ = tx.send(bound);
+    let node = run_node(p2p.clone(), inbound, opts, driver, observer, move |handle, bound| {
+        let _ = tx.send((handle, bound));
     });
     tokio::pin!(node);
-    let bound = tokio::select! {
+    let (handle, bound) = tokio::select! {
         r = &mut node => return r.context("the node stopped"),
-        r = rx => r.ok().flatten(),
+        r = rx => match r {
+            Ok(ready) => ready,
+            Err(_) => return node.await.context("the node stopped"),
+        },
         _ = crate::signals::shutdown() => return Ok(()),
     };
     let server = match metrics_addr {
@@ -243,7 +251,25 @@ pub async fn run<D: InstanceDriver, O: Observer>(
     let result = tokio::select! {
         r = &mut node => r.context("the node stopped"),
         _ = gauge => Ok(()),
-        _ = crate::signals::shutdown() => Ok(()),
+        _ = crate::signals::shutdown() => {
+            // Requests in flight finish (within a bound) before the node stops.
+            let busy = handle.in_flight();
+            if busy > 0 {
+                tracing::info!("Draining {busy} requests in flight (at most {DRAIN_LIMIT:?})");
+            }
+            tokio::select! {
+                r = &mut node => r.context("the node stopped"),
+                drained = handle.drained(DRAIN_LIMIT) => {
+                    if !drained {
+                        tracing::warn!("{} requests still in flight after {DRAIN_LIMIT:?}; stopping", handle.in_flight());
+                    }
+                    // A request counts as done once its last body frame is handed to
+                    // the connection; give those last bytes a moment to be written.
+                    tokio::time::sleep(FLUSH_GRACE).await;
+                    Ok(())
+                }
+            }
+        }
     };
     drop(server);
     result

@@ -12,7 +12,7 @@
 //! allocator is granted by it and runs programs only from this executable's
 //! directory, and the demo entry is signed with it.
 
-use crate::cli::DevArgs;
+use crate::cli::{DevArgs, DriverKind};
 use crate::service_config::{ExecConfig, ServiceConfig};
 use crate::store::RegistryStore;
 use anyhow::{bail, Context, Result};
@@ -133,24 +133,53 @@ impl Cluster {
     }
 }
 
+/// The demo image `physarum dev --driver docker` builds and registers.
+pub const HELLO_IMAGE: &str = "physarum/hello:dev";
+
+/// Build [`HELLO_IMAGE`] from this executable unless it is up to date, with the
+/// repository's `images/build.sh`.
+fn build_hello_image(physarum: &Path) -> Result<()> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/build.sh");
+    if !script.is_file() {
+        bail!("cannot build the demo image: {} is missing (run physarum dev from the repository)", script.display());
+    }
+    let status = std::process::Command::new("bash")
+        .arg(&script)
+        .arg("--physarum")
+        .arg(physarum)
+        .arg("--tag")
+        .arg(HELLO_IMAGE)
+        .status()
+        .with_context(|| format!("cannot run {}", script.display()))?;
+    if !status.success() {
+        bail!("building the demo image {HELLO_IMAGE} failed ({status}); is the Docker engine running?");
+    }
+    Ok(())
+}
+
 /// Register (or refresh) the bundled `hello-world-server` in the store, signed by
-/// `operator`: this executable's `hello` subcommand.
-fn seed_registry(data_dir: &Path, physarum: &Path, operator: &SecretKey) -> Result<()> {
+/// `operator`: this executable's `hello` subcommand, or the demo image.
+fn seed_registry(data_dir: &Path, physarum: &Path, image: Option<&str>, operator: &SecretKey) -> Result<()> {
     let store = RegistryStore::open(data_dir)?;
     let mut entries = store.load()?;
     let config = ServiceConfig {
         name: Some(HELLO_SERVICE.into()),
-        exec: Some(ExecConfig {
-            program: physarum.display().to_string(),
-            args: vec!["hello".into()],
-            env: Default::default(),
-        }),
-        image: None,
+        exec: match image {
+            Some(_) => None,
+            None => Some(ExecConfig {
+                program: physarum.display().to_string(),
+                args: vec!["hello".into()],
+                env: Default::default(),
+            }),
+        },
+        image: image.map(str::to_string),
         network_soft_req: 100,
         network_hard_req: 1000,
         cpu_req: 100,
-        memory_req: 16,
+        // A container's limit covers its sidecar and shell too.
+        memory_req: if image.is_some() { 64 } else { 16 },
         stateful: false,
+        client_mode: false,
     };
     let info = config.to_service_info(None, Path::new("/"))?;
     let version = entries.iter().find(|e| e.name == HELLO_SERVICE).map_or(1, |e| e.version + 1);
@@ -191,7 +220,14 @@ pub async fn run(args: DevArgs) -> Result<()> {
             crate::keys::load_operator_key(&key_path)?
         }
     };
-    seed_registry(&data_dir, &exe, &operator)?;
+    let image = match args.driver {
+        DriverKind::Docker => {
+            build_hello_image(&exe)?;
+            Some(HELLO_IMAGE)
+        }
+        DriverKind::Process => None,
+    };
+    seed_registry(&data_dir, &exe, image, &operator)?;
 
     let mut cluster =
         Cluster { logs: root.join("logs"), root: root.clone(), exe, conf: conf.clone(), daemons: Vec::new() };
@@ -281,6 +317,9 @@ async fn run_cluster(
             "--exec-root".into(),
             exec_root.clone(),
         ]);
+        if args.driver == DriverKind::Docker {
+            a.extend(["--driver".into(), "docker".into()]);
+        }
         c.spawn(&name, "allocator", &a, m)?;
         alloc_names.push(name);
         alloc_metrics.push(m);
@@ -300,11 +339,14 @@ async fn run_cluster(
     println!("  registry     data in {}", data_dir.display());
     println!("               metrics http://{reg_metrics}/metrics");
     for (name, m) in alloc_names.iter().zip(&alloc_metrics) {
-        println!("  {name:12} process driver, metrics http://{m}/metrics");
+        println!("  {name:12} {} driver, metrics http://{m}/metrics", format!("{:?}", args.driver).to_lowercase());
     }
     println!("  proxy        http://{proxy_addr}  (anonymous mode)");
     println!("               metrics http://{proxy_metrics}/metrics");
-    println!("  service      {HELLO_SERVICE} -> {} hello", c.exe.display());
+    match args.driver {
+        DriverKind::Process => println!("  service      {HELLO_SERVICE} -> {} hello", c.exe.display()),
+        DriverKind::Docker => println!("  service      {HELLO_SERVICE} -> image {HELLO_IMAGE}"),
+    }
     println!("  operator     {operator_public}");
     println!("               key {}", operator_path.display());
     println!("  logs         {}", c.logs.display());

@@ -3,6 +3,7 @@
 //! - `/echo` (any method): the method, path, query and body back, as
 //!   `METHOD PATH?QUERY\n\nBODY` (the body streamed through, not buffered);
 //! - `/bytes/N`: N bytes (`x`), streamed in 64 KiB chunks;
+//! - `/sleep/MS`: `slept MS` after MS milliseconds (at most 10 minutes);
 //! - `/healthz`: `ok`;
 //! - `/pid`: this process's id (tells instances apart in tests);
 //! - anything else: `Hello, world`.
@@ -62,6 +63,14 @@ pub async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible
         let mut resp = Response::new(StreamBody::new(frames).boxed_unsync());
         resp.headers_mut().insert(hyper::header::CONTENT_LENGTH, hyper::header::HeaderValue::from(n));
         return Ok(resp);
+    }
+    if let Some(ms) = path.strip_prefix("/sleep/") {
+        let Ok(ms) = ms.parse::<u64>() else {
+            return Ok(full(StatusCode::BAD_REQUEST, "bad milliseconds\n"));
+        };
+        let ms = ms.min(600_000);
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        return Ok(full(StatusCode::OK, format!("slept {ms}\n")));
     }
     if path == "/healthz" {
         return Ok(full(StatusCode::OK, "ok\n"));

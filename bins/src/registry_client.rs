@@ -179,6 +179,7 @@ mod tests {
             cpu_millis: 0,
             memory_mb: 0,
             stateful: false,
+            client_mode: false,
         }
     }
 

@@ -19,6 +19,8 @@
 //!   means "the client's `conf.json` defaults".
 //! - `CpuReq` in thousandths of a core, `MemoryReq` in MiB (0: no reservation).
 //! - `Stateful`: optional, false by default.
+//! - `ProxyClientMode`: optional, false by default; true for a service whose
+//!   instances only make requests: their sidecar runs in anonymous mode.
 //!
 //! The content hash is a SHA3-256 over the whole run spec (program path, arguments,
 //! environment, or the image reference) and the executable's bytes, so a changed
@@ -52,6 +54,8 @@ pub struct ServiceConfig {
     pub memory_req: u32,
     #[serde(rename = "Stateful", default)]
     pub stateful: bool,
+    #[serde(rename = "ProxyClientMode", default)]
+    pub client_mode: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +137,7 @@ impl ServiceConfig {
             cpu_millis: self.cpu_req,
             memory_mb: self.memory_req,
             stateful: self.stateful,
+            client_mode: self.client_mode,
         })
     }
 }
@@ -164,14 +169,15 @@ pub fn describe(info: &ServiceInfo) -> String {
     };
     let ms = |l: PerfLimits| l.rtt.map(|d| format!("{} ms", d.as_millis())).unwrap_or_else(|| "default".into());
     format!(
-        "{}\n  hash:     {}\n  run:      {run}\n  rtt:      soft {}, hard {}\n  cpu:      {} millicores\n  memory:   {} MiB\n  stateful: {}",
+        "{}\n  hash:     {}\n  run:      {run}\n  rtt:      soft {}, hard {}\n  cpu:      {} millicores\n  memory:   {} MiB\n  stateful: {}\n  client mode: {}",
         info.name,
         info.hash,
         ms(info.requirements.soft),
         ms(info.requirements.hard),
         info.cpu_millis,
         info.memory_mb,
-        info.stateful
+        info.stateful,
+        info.client_mode
     )
 }
 
@@ -190,7 +196,9 @@ mod tests {
         assert_eq!(info.run, RunSpec::Image { image: "reg/svc:1".into() });
         assert_eq!(info.hash, content_hash(&info.run, ""));
         assert_eq!(info.requirements, Requirements::rtt(Duration::from_millis(50), Duration::from_millis(200)));
-        assert_eq!((info.cpu_millis, info.memory_mb, info.stateful), (500, 64, false));
+        assert_eq!((info.cpu_millis, info.memory_mb, info.stateful, info.client_mode), (500, 64, false, false));
+        let c = ServiceConfig::parse(r#"{"Name": "c", "Image": "x", "ProxyClientMode": true}"#).unwrap();
+        assert!(c.to_service_info(None, Path::new(".")).unwrap().client_mode);
         // --name overrides, zero limits mean the defaults.
         let c = ServiceConfig::parse(r#"{"Image": "x", "NetworkSoftReq": 0}"#).unwrap();
         let info = c.to_service_info(Some("other"), Path::new(".")).unwrap();

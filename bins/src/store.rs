@@ -184,6 +184,7 @@ mod tests {
             cpu_millis: 1,
             memory_mb: 2,
             stateful: true,
+            client_mode: false,
         };
         SignedEntry::sign(name.into(), 1, Some(info), &SecretKey::from_bytes([1; 32]))
     }

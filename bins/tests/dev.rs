@@ -56,3 +56,44 @@ fn physarum_dev_serves_hello_and_stops_everything_on_sigint() {
     // Its port is free again.
     assert!(std::net::TcpListener::bind(addr).is_ok());
 }
+
+/// `physarum dev --driver docker`: the demo image is built when missing,
+/// registered and served from a container; Ctrl-C leaves no container behind.
+#[test]
+fn physarum_dev_with_the_docker_driver_serves_from_a_container_and_leaves_none() {
+    if !common::docker::engine_available("physarum_dev_with_the_docker_driver_serves_from_a_container_and_leaves_none")
+    {
+        return;
+    }
+    let dir = TempDir::new("dev-docker");
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut cmd = command("physarum", dir.path());
+    cmd.args(["dev", "--port", &port.to_string(), "--driver", "docker"]);
+    let mut dev = Proc::spawn("physarum-dev-docker", cmd, dir.path());
+    let curl = format!("curl 127.0.0.1:{port}/hello-world-server/hello");
+    wait_for("the dev cluster to come up", Duration::from_secs(180), || {
+        if let Some(status) = dev.try_exit() {
+            panic!("physarum dev exited with {status}:\n{}", dev.log_text());
+        }
+        dev.log_text().contains(&curl).then_some(())
+    });
+    assert!(dev.log_text().contains("image physarum/hello:dev"), "{}", dev.log_text());
+    let r = get(addr, "/hello-world-server/hello").unwrap_or_else(|e| panic!("{e}\n{}", dev.log_text()));
+    assert_eq!((r.status, r.text().as_str()), (200, "Hello, world\n"), "{}", dev.log_text());
+    let label = format!("physarum.allocator={}", dev_allocator_peer(&dev));
+    let _guard = common::docker::DockerGuard::new(label.clone());
+    assert_eq!(common::docker::containers_labelled(&label).len(), 1, "one container runs the instance");
+
+    dev.signal(libc::SIGINT);
+    let status = dev.wait_exit(Duration::from_secs(40)).expect("physarum dev stops after SIGINT");
+    assert!(status.success(), "exit status {status}:\n{}", dev.log_text());
+    assert!(common::docker::containers_labelled(&label).is_empty(), "containers left after Ctrl-C");
+}
+
+/// The peer id of `physarum dev`'s first allocator, from its key file.
+fn dev_allocator_peer(dev: &Proc) -> String {
+    let root = std::env::temp_dir().join(format!("physarum-dev-{}", dev.pid()));
+    let key = physarum_net_real::keyfile::load(&root.join("allocator-1.key")).unwrap();
+    physarum_net_real::keyfile::peer_id_string(&key)
+}

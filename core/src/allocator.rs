@@ -328,11 +328,15 @@ impl Allocator {
 
     /// A request for a service the registry knows: reuse, join, start or refuse.
     fn admit(&mut self, now: Instant, id: InboundId, info: &ServiceInfo) {
-        if let Some(inst) = self.instances.values_mut().find(|i| i.serves(info)) {
+        if let Some((&instance, inst)) = self.instances.iter_mut().find(|(_, i)| i.serves(info)) {
             match &mut inst.state {
                 InstanceState::Up { peer, .. } => {
                     let peer = peer.clone();
                     self.reply(id, Response::Allocated { instance: peer });
+                    // A client asking for an instance while one runs may have found it
+                    // failing: ask it now rather than at the next cull round (an
+                    // instance whose application does not answer is culled on the answer).
+                    self.query(now, instance);
                 }
                 InstanceState::Starting { waiters, .. } | InstanceState::Certifying { waiters, .. } => waiters.push(id),
             }
@@ -547,6 +551,7 @@ mod tests {
             cpu_millis,
             memory_mb,
             stateful: false,
+            client_mode: false,
         }
     }
 
@@ -755,6 +760,24 @@ mod tests {
         assert!(starts(&outs).is_empty(), "{outs:?}");
         assert_eq!(replies(&outs), vec![(2, Response::Allocated { instance: addr("inst") })]);
         assert_eq!(a.instances().count(), 1);
+    }
+
+    #[test]
+    fn reusing_a_running_instance_asks_it_at_once_and_culls_it_if_its_application_is_down() {
+        let mut a = new_alloc(AllocatorConfig::default());
+        let svc = info("web", 500, 256);
+        let instance = bring_up(&mut a, at(0), 1, &svc, "inst");
+        drain(&mut a);
+        request(&mut a, at(5), 2, "web");
+        resolve(&mut a, at(5), "web", Ok(Some(svc)));
+        let outs = drain(&mut a);
+        let queries = idle_queries(&outs);
+        assert_eq!(queries.iter().map(|(_, p)| p.clone()).collect::<Vec<_>>(), vec![addr("inst")], "{outs:?}");
+        let reason = "the application of 'web' does not answer".to_string();
+        a.handle_input(at(5), AllocatorInput::IdleAnswer { token: queries[0].0, result: Err(reason) });
+        let outs = drain(&mut a);
+        assert_eq!(stops(&outs), vec![instance], "{outs:?}");
+        assert_eq!(a.instances().count(), 0);
     }
 
     #[test]

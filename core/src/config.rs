@@ -1,6 +1,7 @@
 //! Configuration: the original's `conf/conf.json` format, and the knobs of each machine.
 
 use crate::perf::{PerfLimits, Requirements, DEFAULT_SOFT_GRACE};
+use crate::resilience::ResilienceConfig;
 use crate::trust::{Operators, PublicKey, SignedEntry, TrustConfig};
 use crate::types::PeerId;
 use serde::{Deserialize, Serialize};
@@ -150,6 +151,10 @@ pub struct ManagerConfig {
     pub advertise_interval: Duration,
     /// Persistent soft violations ask for a better instance after this long.
     pub soft_grace: Duration,
+    /// Retries, per-try timeouts and ejection of failing instances.
+    pub resilience: ResilienceConfig,
+    /// Service mode: the application counts as down after this many failed checks in a row.
+    pub app_down_after: u32,
 }
 
 impl Default for ManagerConfig {
@@ -165,6 +170,8 @@ impl Default for ManagerConfig {
             refind_tries: 5,
             advertise_interval: Duration::from_secs(30),
             soft_grace: DEFAULT_SOFT_GRACE,
+            resilience: ResilienceConfig::default(),
+            app_down_after: 2,
         }
     }
 }

@@ -22,8 +22,20 @@ pub enum Input {
     /// An instance of `service` showed no valid credentials before any request byte
     /// was sent: it is evicted and not chosen again.
     Untrusted { service: ContentHash, peer: PeerId, reason: String },
-    /// Service mode: the sidecar served a tunnelled request (resets the idle clock).
+    /// Service mode: the sidecar began serving a tunnelled request (the instance is
+    /// busy until the matching [`Input::TunnelDone`]).
     TunnelServed,
+    /// Service mode: a tunnelled request ended (its response sent or abandoned); idle
+    /// time counts from the end of the last one.
+    TunnelDone,
+    /// Service mode: the sidecar checked whether its application answers.
+    AppChecked { answered: bool },
+    /// A try of a routed request failed before any of its response reached the client,
+    /// and the request may be sent again: the core routes it anew (to another
+    /// instance; `peer` has been reported with [`Input::RouteFailed`]) if its retry
+    /// budget allows, and answers with one [`Output::Respond`] for `req` as for
+    /// [`Input::HttpRequest`].
+    HttpRetry { req: ReqId, service: String, deadline: Instant },
     /// A peer sent us a request; answer with [`Output::ReplyToPeer`] naming `id`.
     PeerRequest { id: InboundId, from: PeerId, request: Request },
     /// The result of an operation the core asked for. Every `OpId` the core hands
@@ -82,8 +94,9 @@ pub enum Output {
 /// How a client request ends, as far as the core is concerned.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// Forward the request to this instance of `service`.
-    Route { instance: PeerAddr, service: ContentHash },
+    /// Forward the request to this instance of `service`; a try that has no response
+    /// head within `try_timeout` has failed (the instance is stalled).
+    Route { instance: PeerAddr, service: ContentHash, try_timeout: Duration },
     /// Answer the client with this status and plain-text reason.
     Fail { status: u16, reason: String },
 }
@@ -103,6 +116,12 @@ pub enum Event {
     Untrusted { service: ContentHash, peer: PeerId, reason: String },
     /// A cached peer was dropped.
     Evicted { service: ContentHash, peer: PeerId, reason: String },
+    /// A request is routed again after a failed try.
+    Retried { service: String },
+    /// A retry was refused: the retry budget is spent.
+    RetryRefused { service: String },
+    /// Service mode: the application stopped or started answering.
+    AppHealth { service: String, answering: bool },
     /// A cached peer violated the soft limit for longer than the grace.
     SeekBetter { service: ContentHash, peer: PeerId },
     /// A better instance replaced a soft-violating one.

@@ -15,6 +15,7 @@ pub mod peer_cache;
 pub mod perf;
 pub mod registry;
 pub mod registry_cache;
+pub mod resilience;
 pub mod time;
 pub mod trust;
 pub mod types;

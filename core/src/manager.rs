@@ -18,16 +18,20 @@ use crate::io::{Event, OpResult, Outcome};
 use crate::peer_cache::{PeerCache, PeerCacheOutput};
 use crate::perf::{Class, PerfSample, Requirements};
 use crate::registry_cache::Resolution;
+use crate::resilience::{Ejections, RetryBudget};
 use crate::time::{earliest, Instant};
 use crate::types::{ContentHash, DhtKey, PeerAddr, PeerId, ReqId, ServiceInfo};
 use crate::wire::{Request, Response};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
-/// How long a peer that failed the trust check for a service is skipped.
+/// How long a peer that failed the trust check is skipped (it shares the bounded
+/// ejection list with peers that failed a request).
 pub const UNTRUSTED_FOR: Duration = Duration::from_secs(600);
-/// Most (service, peer) pairs remembered as untrusted; the ones expiring first make room.
-pub const MAX_UNTRUSTED: usize = 1024;
+/// Why a peer that failed the trust check is ejected.
+const FAILED_TRUST: &str = "failed the trust check";
+/// Service infos of cached services kept before those with no cached instance are dropped.
+const KNOWN_KEEP: usize = 256;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ManagerOutput {
@@ -161,6 +165,10 @@ struct Serving {
     info: Option<ServiceInfo>,
     last_served: Instant,
     next_advertise: Instant,
+    /// Tunnelled requests being served now: the instance is not idle while any are.
+    in_flight: u32,
+    /// Application checks failed in a row.
+    failed_checks: u32,
 }
 
 pub struct Manager {
@@ -182,8 +190,9 @@ pub struct Manager {
     known: BTreeMap<ContentHash, ServiceInfo>,
     next_token: u64,
     serving: Option<Serving>,
-    /// Instances that failed the trust check, and until when they are skipped.
-    untrusted: BTreeMap<(ContentHash, PeerId), Instant>,
+    retry_budget: RetryBudget,
+    /// Peers that failed a request or the trust check, not picked again for a while.
+    ejected: Ejections,
     out: VecDeque<ManagerOutput>,
 }
 
@@ -210,12 +219,20 @@ impl Manager {
             known: BTreeMap::new(),
             next_token: 0,
             serving: None,
-            untrusted: BTreeMap::new(),
+            retry_budget: RetryBudget::default(),
+            ejected: Ejections::default(),
             out: VecDeque::new(),
         };
         if let Some(name) = serve {
             m.out.push_back(ManagerOutput::Resolve { name: name.clone() });
-            m.serving = Some(Serving { name, info: None, last_served: now, next_advertise: now });
+            m.serving = Some(Serving {
+                name,
+                info: None,
+                last_served: now,
+                next_advertise: now,
+                in_flight: 0,
+                failed_checks: 0,
+            });
         }
         m
     }
@@ -241,8 +258,10 @@ impl Manager {
 
     // ---- client requests -------------------------------------------------
 
-    /// A client request for `service`. `resolution` is the registry cache's answer
-    /// when it had one at hand; otherwise the request waits for [`Self::resolved`].
+    /// A client request for `service` (`retry`: a request whose try failed, routed
+    /// again only while the retry budget lasts, else answered 503 at once).
+    /// `resolution` is the registry cache's answer when it had one at hand; otherwise
+    /// the request waits for [`Self::resolved`].
     pub fn http_request(
         &mut self,
         now: Instant,
@@ -250,7 +269,11 @@ impl Manager {
         service: String,
         deadline: Instant,
         resolution: Option<Resolution>,
+        retry: bool,
     ) {
+        if retry {
+            return self.retry(now, req, service, deadline, resolution);
+        }
         if now >= deadline {
             self.out.push_back(ManagerOutput::Respond {
                 req,
@@ -258,6 +281,25 @@ impl Manager {
             });
             return;
         }
+        self.retry_budget.record_request(now, &self.config.resilience);
+        self.accept(now, req, service, deadline, resolution);
+    }
+
+    fn retry(&mut self, now: Instant, req: ReqId, service: String, deadline: Instant, resolution: Option<Resolution>) {
+        if now >= deadline || !self.retry_budget.try_spend(now, &self.config.resilience) {
+            self.out.push_back(ManagerOutput::Event(Event::RetryRefused { service: service.clone() }));
+            let reason = match now >= deadline {
+                true => "no time left for a retry".to_string(),
+                false => "not retried: the proxy's retry budget is spent".to_string(),
+            };
+            self.out.push_back(ManagerOutput::Respond { req, outcome: Outcome::Fail { status: 503, reason } });
+            return;
+        }
+        self.out.push_back(ManagerOutput::Event(Event::Retried { service: service.clone() }));
+        self.accept(now, req, service, deadline, resolution);
+    }
+
+    fn accept(&mut self, now: Instant, req: ReqId, service: String, deadline: Instant, resolution: Option<Resolution>) {
         self.requests.insert(req, PendingRequest { service: service.clone(), deadline });
         match resolution {
             Some(r) => self.proceed(now, req, &service, r),
@@ -300,7 +342,8 @@ impl Manager {
                 service: name.to_string(),
                 instance: instance.peer.clone(),
             }));
-            return self.respond(req, Outcome::Route { instance, service: info.hash });
+            let try_timeout = self.config.resilience.try_timeout(&info.requirements.or(self.defaults));
+            return self.respond(req, Outcome::Route { instance, service: info.hash, try_timeout });
         }
         match self.discoveries.get_mut(name) {
             Some(d) => d.waiters.push(req),
@@ -310,6 +353,7 @@ impl Manager {
 
     /// Forwarding to `peer` failed: it is no longer trusted for `service`.
     pub fn route_failed(&mut self, now: Instant, service: &ContentHash, peer: &PeerId, reason: &str) {
+        self.ejected.eject(now, peer, &self.config.resilience);
         self.cache.remove(service, peer, &format!("request failed: {reason}"));
         self.drain_cache(now);
     }
@@ -317,24 +361,14 @@ impl Manager {
     /// `peer` showed no valid credentials for `service`: evict it and skip it for a while.
     pub fn untrusted(&mut self, now: Instant, service: &ContentHash, peer: &PeerId, reason: &str) {
         self.cache.remove(service, peer, &format!("untrusted: {reason}"));
-        self.untrusted.retain(|_, until| *until > now);
-        if self.untrusted.len() >= MAX_UNTRUSTED {
-            let soonest = self.untrusted.iter().min_by_key(|(_, until)| **until).map(|(k, _)| k.clone());
-            if let Some(k) = soonest {
-                self.untrusted.remove(&k);
-            }
-        }
-        self.untrusted.insert((service.clone(), peer.clone()), now + UNTRUSTED_FOR);
+        let max = self.config.resilience.max_ejected;
+        self.ejected.eject_for(now, peer, UNTRUSTED_FOR, max, FAILED_TRUST);
         self.out.push_back(ManagerOutput::Event(Event::Untrusted {
             service: service.clone(),
             peer: peer.clone(),
             reason: reason.to_string(),
         }));
         self.drain_cache(now);
-    }
-
-    fn is_untrusted(&self, now: Instant, service: &ContentHash, peer: &PeerId) -> bool {
-        self.untrusted.get(&(service.clone(), peer.clone())).is_some_and(|until| *until > now)
     }
 
     // ---- discovery -------------------------------------------------------
@@ -379,12 +413,8 @@ impl Manager {
     fn probe_round(&mut self, now: Instant, name: &str, peers: Vec<PeerAddr>, timeout: Duration) -> ProbeRound {
         let mut round = ProbeRound { deadline: now + timeout, ..ProbeRound::default() };
         let mut seen = std::collections::BTreeSet::new();
-        let hash = self.discoveries.get(name).map(|d| d.info.hash.clone());
         for peer in peers {
-            if peer.peer == self.local || !seen.insert(peer.peer.clone()) {
-                continue;
-            }
-            if hash.as_ref().is_some_and(|h| self.is_untrusted(now, h, &peer.peer)) {
+            if peer.peer == self.local || self.ejected.is_ejected(now, &peer.peer) || !seen.insert(peer.peer.clone()) {
                 continue;
             }
             let token = self.token();
@@ -451,19 +481,21 @@ impl Manager {
                     return self.attempt_failed(now, name, "allocator bookkeeping out of range".into());
                 };
                 let service = name.to_string();
-                let hash = self.discoveries.get(name).map(|d| d.info.hash.clone());
-                let result = match result {
-                    OpResult::Response(Response::Allocated { instance })
-                        if hash.as_ref().is_some_and(|h| self.is_untrusted(now, h, &instance.peer)) =>
-                    {
-                        OpResult::Failed(format!(
-                            "it handed back instance {}, which failed the trust check",
-                            instance.peer
-                        ))
-                    }
-                    other => other,
-                };
                 match result {
+                    // An allocator that hands back an instance we ejected (it reuses its
+                    // running instance) cannot help: ask the next one.
+                    OpResult::Response(Response::Allocated { instance })
+                        if self.ejected.is_ejected(now, &instance.peer) =>
+                    {
+                        let why = self.ejected.why(now, &instance.peer).unwrap_or_default();
+                        let reason = format!("offered instance {}, which {why}", instance.peer);
+                        self.out.push_back(ManagerOutput::Event(Event::AllocationRefused {
+                            service,
+                            allocator,
+                            reason: reason.clone(),
+                        }));
+                        self.ask_next_allocator(now, name, order, next, reason);
+                    }
                     OpResult::Response(Response::Allocated { instance }) => {
                         self.out.push_back(ManagerOutput::Event(Event::Allocated {
                             service,
@@ -662,6 +694,11 @@ impl Manager {
         let Some(d) = self.discoveries.remove(name) else { return };
         let hash = d.info.hash.clone();
         self.known.insert(hash.clone(), d.info.clone());
+        if self.known.len() > KNOWN_KEEP {
+            let cached: std::collections::BTreeSet<ContentHash> =
+                self.cache.entries().map(|e| e.service.clone()).collect();
+            self.known.retain(|h, _| cached.contains(h) || *h == hash);
+        }
         self.cache.insert(now, &hash, d.requirements, instance.clone(), rtt);
         if let Purpose::SeekBetter { current, .. } = &d.purpose {
             if *current != instance.peer {
@@ -680,16 +717,18 @@ impl Manager {
             allocated: d.allocated,
             found: true,
         }));
+        let try_timeout = self.config.resilience.try_timeout(&d.requirements);
         for req in d.waiters {
-            self.respond(req, Outcome::Route { instance: instance.clone(), service: hash.clone() });
+            self.respond(req, Outcome::Route { instance: instance.clone(), service: hash.clone(), try_timeout });
         }
     }
 
     // ---- service mode ----------------------------------------------------
 
-    /// Service mode: a tunnelled request was served.
+    /// Service mode: a tunnelled request began.
     pub fn tunnel_served(&mut self, now: Instant) {
         if let Some(s) = self.serving.as_mut() {
+            s.in_flight = s.in_flight.saturating_add(1);
             s.last_served = now;
         }
     }
@@ -699,9 +738,44 @@ impl Manager {
         self.serving.as_ref()?.info.as_ref().map(|i| &i.hash)
     }
 
-    /// Answer an allocator's idle query.
+    /// Service mode: a tunnelled request ended.
+    pub fn tunnel_done(&mut self, now: Instant) {
+        if let Some(s) = self.serving.as_mut() {
+            s.in_flight = s.in_flight.saturating_sub(1);
+            s.last_served = now;
+        }
+    }
+
+    /// Service mode: the sidecar's check of its application.
+    pub fn app_checked(&mut self, answered: bool) {
+        let down_after = self.config.app_down_after.max(1);
+        let Some(s) = self.serving.as_mut() else { return };
+        let was_down = s.failed_checks >= down_after;
+        s.failed_checks = if answered { 0 } else { s.failed_checks.saturating_add(1) };
+        let is_down = s.failed_checks >= down_after;
+        if was_down != is_down {
+            let service = s.name.clone();
+            self.out.push_back(ManagerOutput::Event(Event::AppHealth { service, answering: !is_down }));
+        }
+    }
+
+    /// Service mode: why this instance should not be used now (its application does
+    /// not answer), if so. Probes and idle queries are answered with it.
+    pub fn unhealthy(&self) -> Option<String> {
+        let s = self.serving.as_ref()?;
+        (s.failed_checks >= self.config.app_down_after.max(1)).then(|| {
+            format!("the application of '{}' does not answer ({} checks failed in a row)", s.name, s.failed_checks)
+        })
+    }
+
+    /// Answer an allocator's idle query: busy while a request is in flight; an error
+    /// (which the allocator culls on) while the application does not answer.
     pub fn idle_query(&self, now: Instant) -> Response {
+        if let Some(reason) = self.unhealthy() {
+            return Response::Error { reason };
+        }
         match &self.serving {
+            Some(s) if s.in_flight > 0 => Response::Idle { seconds: 0 },
             Some(s) => Response::Idle { seconds: now.saturating_since(s.last_served).as_secs() },
             None => Response::Error { reason: "this node serves no service".into() },
         }
@@ -717,6 +791,7 @@ impl Manager {
     // ---- time ------------------------------------------------------------
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.ejected.prune(now);
         // Deadlines: every request still waiting at its deadline gets 504.
         let expired: Vec<ReqId> =
             self.requests.iter().filter(|(_, p)| p.deadline <= now).map(|(req, _)| *req).collect();

@@ -127,11 +127,17 @@ impl Node {
             Input::Tick => {}
             Input::HttpRequest { req, service, deadline } => {
                 let resolution = self.registry_cache.lookup(now, &service);
-                self.manager.http_request(now, req, service, deadline, resolution);
+                self.manager.http_request(now, req, service, deadline, resolution, false);
             }
             Input::RouteFailed { service, peer, reason } => self.manager.route_failed(now, &service, &peer, &reason),
             Input::Untrusted { service, peer, reason } => self.manager.untrusted(now, &service, &peer, &reason),
             Input::TunnelServed => self.manager.tunnel_served(now),
+            Input::TunnelDone => self.manager.tunnel_done(now),
+            Input::AppChecked { answered } => self.manager.app_checked(answered),
+            Input::HttpRetry { req, service, deadline } => {
+                let resolution = self.registry_cache.lookup(now, &service);
+                self.manager.http_request(now, req, service, deadline, resolution, true);
+            }
             Input::PeerRequest { id, from, request } => self.peer_request(now, id, from, request),
             Input::OpDone { op, result } => {
                 if let Some(pending) = self.ops.remove(&op) {
@@ -393,7 +399,10 @@ impl Node {
                 }
                 self.out.push_back(reply(self.manager.idle_query(now)));
             }
-            Request::Ping { nonce } => self.out.push_back(reply(Response::Pong { nonce })),
+            Request::Ping { nonce } => match self.manager.unhealthy() {
+                Some(reason) => self.out.push_back(reply(Response::Error { reason })),
+                None => self.out.push_back(reply(Response::Pong { nonce })),
+            },
         }
     }
 

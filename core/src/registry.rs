@@ -182,6 +182,7 @@ mod tests {
             cpu_millis: 100,
             memory_mb: 16,
             stateful: false,
+            client_mode: false,
         }
     }
 

@@ -67,6 +67,9 @@ pub struct ServiceInfo {
     /// Memory the instance needs, in MiB.
     pub memory_mb: u32,
     pub stateful: bool,
+    /// The instance only makes requests: its sidecar runs in anonymous mode.
+    #[serde(default)]
+    pub client_mode: bool,
 }
 
 /// A service's content hash: SHA3-256 over everything that decides what runs — the

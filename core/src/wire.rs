@@ -228,6 +228,7 @@ mod tests {
                 cpu_millis,
                 memory_mb,
                 stateful,
+                client_mode: false,
             })
     }
 
@@ -493,6 +494,7 @@ mod tests {
             cpu_millis: 0,
             memory_mb: 0,
             stateful: false,
+            client_mode: false,
         };
         let entry = SignedEntry::sign("a".into(), 1, Some(info), &SecretKey::from_bytes([1; 32]));
         let good = encode(&Request::RegistryPut { entry: Box::new(entry) }).unwrap();

@@ -55,6 +55,7 @@ fn registry(name: &str) -> Option<ServiceInfo> {
         cpu_millis,
         memory_mb,
         stateful: false,
+        client_mode: false,
     })
 }
 

@@ -34,6 +34,7 @@ fn write_wire_seeds() {
         cpu_millis: 100,
         memory_mb: 16,
         stateful: false,
+        client_mode: false,
     };
     let image = ServiceInfo { run: RunSpec::Image { image: "reg/hello:1".into() }, ..info.clone() };
     let instance = PeerAddr::new("12D3KooW", vec!["/ip4/127.0.0.1/tcp/4001".into()]);

@@ -279,6 +279,55 @@ fn persistent_soft_violation_switches_to_a_better_instance_after_the_grace() {
 }
 
 #[test]
+fn a_failed_instance_is_ejected_and_the_retry_goes_elsewhere() {
+    let svc = service("svc", 50, 100);
+    let mut w = World::new([&svc]);
+    w.add_instance(&svc, "hung", ms(2));
+    w.add_instance(&svc, "other", ms(20));
+    w.add_allocator("alloc", ms(1), AllocatorBehaviour::Start { instance: peer("hung"), rtt: ms(2), in_dht: true });
+    let first = w.request("svc", secs(5));
+    w.run_for(secs(1));
+    assert_eq!(w.routed_to(first).as_deref(), Some("hung"));
+    w.input(Input::RouteFailed { service: svc.hash.clone(), peer: PeerId("hung".into()), reason: "stalled".into() });
+    // The DHT still lists the failed instance, and an allocator offers it again: neither is taken.
+    let again = w.retry("svc", secs(5));
+    w.run_for(secs(2));
+    assert_eq!(w.routed_to(again).as_deref(), Some("other"));
+    assert!(w.events().iter().any(|e| matches!(e, Event::Retried { .. })));
+    assert!(w.events().iter().any(|e| matches!(e, Event::Evicted { peer, .. } if peer.0 == "hung")));
+    // Only `other` is left once it fails too; the allocator's offer of `hung` is refused as well.
+    w.input(Input::RouteFailed { service: svc.hash.clone(), peer: PeerId("other".into()), reason: "reset".into() });
+    let third = w.retry("svc", secs(5));
+    w.run_for(secs(6));
+    let (code, reason) = status(&w, third);
+    assert_eq!(code, 503, "{reason}");
+    assert!(w
+        .events()
+        .iter()
+        .any(|e| matches!(e, Event::AllocationRefused { reason, .. } if reason.contains("failed a request recently"))));
+}
+
+#[test]
+fn retries_stay_within_the_budget() {
+    let svc = service("svc", 50, 100);
+    let mut w = World::new([&svc]);
+    w.add_instance(&svc, "i", ms(2));
+    let first = w.request("svc", secs(5));
+    w.run_for(secs(1));
+    assert_eq!(w.routed_to(first).as_deref(), Some("i"));
+    // With one request in the window, only the floor of retries is allowed.
+    let floor = physarum_core::resilience::ResilienceConfig::default().min_retries as usize;
+    let retries: Vec<_> = (0..floor + 5).map(|_| w.retry("svc", secs(5))).collect();
+    w.run_for(secs(1));
+    let refused: Vec<_> = retries
+        .iter()
+        .filter(|r| matches!(w.outcome(**r), Some(Outcome::Fail { status: 503, reason }) if reason.contains("retry budget")))
+        .collect();
+    assert_eq!(refused.len(), 5, "{:?}", retries.iter().map(|r| w.outcome(*r)).collect::<Vec<_>>());
+    assert_eq!(w.events().iter().filter(|e| matches!(e, Event::RetryRefused { .. })).count(), 5);
+}
+
+#[test]
 fn an_untrusted_instance_is_evicted_never_probed_again_and_refused_from_allocators() {
     let svc = service("svc", 50, 100);
     let mut w = World::new([&svc]);

@@ -91,7 +91,7 @@ fn run(sc: &Scenario) -> World {
             Step::Request(svc, deadline) => reqs.push(w.request(NAMES[svc], ms(deadline))),
             Step::RouteFailure(nth) => {
                 let routed = reqs.get(nth).and_then(|r| w.outcome(*r).cloned());
-                if let Some(Outcome::Route { instance, service }) = routed {
+                if let Some(Outcome::Route { instance, service, .. }) = routed {
                     w.input(Input::RouteFailed { service, peer: instance.peer, reason: "test".into() });
                 }
             }

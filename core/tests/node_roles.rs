@@ -3,7 +3,7 @@
 mod world;
 
 use physarum_core::config::{AllocatorConfig, NodeConfig};
-use physarum_core::io::{Input, OpResult, Output};
+use physarum_core::io::{Event, Input, OpResult, Output};
 use physarum_core::perf::Requirements;
 use physarum_core::trust::{Issuer, Operators, SecretKey, SignedEntry};
 use physarum_core::types::{ContentHash, DhtKey, InboundId, InstanceId, PeerId};
@@ -41,13 +41,70 @@ fn service_mode_advertises_its_hash_and_answers_idle_queries() {
     assert_eq!(w.count(|o| matches!(o, Output::Advertise { key: DhtKey::Service(_) })), 2);
     w.input(Input::BootstrapConnected);
     assert_eq!(w.count(|o| matches!(o, Output::Advertise { key: DhtKey::Service(_) })), 3);
-    // Idle: seconds since the last served request.
+    // Idle: seconds since the last served request ended.
     w.input(Input::TunnelServed);
+    w.input(Input::TunnelDone);
     w.run_for(Duration::from_secs(7));
     let request = Request::IdleQuery { credentials: None };
     w.input(Input::PeerRequest { id: InboundId(1), from: PeerId("alloc".into()), request });
     let outs: Vec<Output> = w.log.iter().map(|(_, o)| o.clone()).collect();
     assert_eq!(reply_to(&outs, InboundId(1)), Some(Response::Idle { seconds: 7 }));
+    // A request in flight: never idle, however long it takes; idle counts from its end.
+    w.input(Input::TunnelServed);
+    w.run_for(Duration::from_secs(100));
+    w.input(Input::PeerRequest {
+        id: InboundId(2),
+        from: PeerId("alloc".into()),
+        request: Request::IdleQuery { credentials: None },
+    });
+    w.input(Input::TunnelDone);
+    w.run_for(Duration::from_secs(3));
+    w.input(Input::PeerRequest {
+        id: InboundId(3),
+        from: PeerId("alloc".into()),
+        request: Request::IdleQuery { credentials: None },
+    });
+    let outs: Vec<Output> = w.log.iter().map(|(_, o)| o.clone()).collect();
+    assert_eq!(reply_to(&outs, InboundId(2)), Some(Response::Idle { seconds: 0 }));
+    assert_eq!(reply_to(&outs, InboundId(3)), Some(Response::Idle { seconds: 3 }));
+}
+
+#[test]
+fn a_sidecar_whose_application_does_not_answer_says_so_to_probes_and_idle_queries() {
+    let svc = service("svc", 50, 100);
+    let mut cfg = config("sidecar");
+    cfg.serve = Some("svc".into());
+    let mut w = World::with_config(cfg, [&svc]);
+    w.run_for(ms(100));
+    let from = PeerId("client".into());
+    let ping = |id| Input::PeerRequest { id: InboundId(id), from: from.clone(), request: Request::Ping { nonce: id } };
+    w.input(Input::AppChecked { answered: false });
+    w.input(ping(1));
+    // Down only after `app_down_after` (2) failed checks in a row.
+    w.input(Input::AppChecked { answered: false });
+    w.input(ping(2));
+    w.input(Input::PeerRequest {
+        id: InboundId(3),
+        from: from.clone(),
+        request: Request::IdleQuery { credentials: None },
+    });
+    w.input(Input::AppChecked { answered: true });
+    w.input(ping(4));
+    let outs: Vec<Output> = w.log.iter().map(|(_, o)| o.clone()).collect();
+    assert_eq!(reply_to(&outs, InboundId(1)), Some(Response::Pong { nonce: 1 }));
+    assert!(
+        matches!(reply_to(&outs, InboundId(2)), Some(Response::Error { reason }) if reason.contains("does not answer"))
+    );
+    assert!(matches!(reply_to(&outs, InboundId(3)), Some(Response::Error { .. })));
+    assert_eq!(reply_to(&outs, InboundId(4)), Some(Response::Pong { nonce: 4 }));
+    let health: Vec<bool> = outs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Event(Event::AppHealth { answering, .. }) => Some(*answering),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(health, vec![false, true]);
 }
 
 #[test]

@@ -28,6 +28,7 @@
 //! p2p.clone(), inbound, runtime_config)….spawn()` inside a `LocalSet`.
 
 mod codec;
+mod event_log;
 mod inbound;
 mod p2p;
 mod run;

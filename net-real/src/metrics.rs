@@ -110,6 +110,8 @@ pub struct Metrics {
     pub allocations: Family<ServiceLabels, Counter>,
     pub allocations_refused: Family<ServiceLabels, Counter>,
     pub evictions: Counter,
+    pub retries: Family<ServiceLabels, Counter>,
+    pub retries_refused: Family<ServiceLabels, Counter>,
     pub untrusted: Counter,
     pub switches: Counter,
     /// RTT probes by result, and the RTTs measured.
@@ -159,6 +161,8 @@ impl Metrics {
             allocations: Family::default(),
             allocations_refused: Family::default(),
             evictions: Counter::default(),
+            retries: Family::default(),
+            retries_refused: Family::default(),
             untrusted: Counter::default(),
             switches: Counter::default(),
             probes: Family::default(),
@@ -199,6 +203,8 @@ impl Metrics {
         r.register("allocations", "Instances allocators started for this node", m.allocations.clone());
         r.register("allocations_refused", "Start requests allocators refused", m.allocations_refused.clone());
         r.register("evictions", "Peers dropped from the peer cache", m.evictions.clone());
+        r.register("retries", "Requests routed again after a failed try", m.retries.clone());
+        r.register("retries_refused", "Retries the retry budget refused", m.retries_refused.clone());
         r.register(
             "untrusted_instances",
             "Instances refused because they showed no valid credentials",
@@ -268,10 +274,16 @@ impl Metrics {
             Event::Evicted { .. } => {
                 self.evictions.inc();
             }
+            Event::Retried { service } => {
+                self.retries.get_or_create(&svc(service)).inc();
+            }
+            Event::RetryRefused { service } => {
+                self.retries_refused.get_or_create(&svc(service)).inc();
+            }
             Event::Untrusted { .. } => {
                 self.untrusted.inc();
             }
-            Event::SeekBetter { .. } => {}
+            Event::SeekBetter { .. } | Event::AppHealth { .. } => {}
             Event::Switched { .. } => {
                 self.switches.inc();
             }
@@ -368,8 +380,11 @@ pub struct MetricsObserver(pub Arc<Metrics>);
 
 impl Observer for MetricsObserver {
     fn input(&self, _now: CoreInstant, input: &Input) {
-        if let Input::TunnelServed = input {
-            self.0.tunnel_served();
+        match input {
+            Input::TunnelServed => self.0.tunnel_served(),
+            // Idle time counts from the end of the last request.
+            Input::TunnelDone => *self.0.last_served.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now(),
+            _ => {}
         }
     }
     fn output(&self, _now: CoreInstant, output: &Output) {
@@ -380,6 +395,7 @@ impl Observer for MetricsObserver {
     }
     fn event(&self, _now: CoreInstant, event: &Event) {
         self.0.observe_event(event);
+        crate::event_log::log_event(event);
     }
     fn request_finished(&self, _service: &str, status: u16, took: Duration) {
         self.0.request_completed(status, took);
@@ -522,7 +538,11 @@ mod tests {
         assert_eq!(m.instances_running.get(), 0);
         m.observe_output(&Output::Respond {
             req: ReqId(1),
-            outcome: Outcome::Route { instance: PeerAddr::new("i", vec![]), service: ContentHash("h".into()) },
+            outcome: Outcome::Route {
+                instance: PeerAddr::new("i", vec![]),
+                service: ContentHash("h".into()),
+                try_timeout: Duration::from_secs(10),
+            },
         });
         m.observe_output(&Output::Respond {
             req: ReqId(2),

@@ -108,6 +108,9 @@ pub struct P2pOptions {
     pub ping_interval: Duration,
     /// Connection set-up (TCP + pnet + Noise + Yamux) must finish within this.
     pub handshake_timeout: Duration,
+    /// Pass pings on to the node rather than answering them here: a sidecar's answer
+    /// then says whether its application answers, not only whether the sidecar runs.
+    pub pings_to_node: bool,
 }
 
 impl P2pOptions {
@@ -125,6 +128,7 @@ impl P2pOptions {
             request_timeout: Duration::from_secs(60),
             ping_interval: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(5),
+            pings_to_node: false,
         }
     }
 }
@@ -211,7 +215,7 @@ fn build_swarm(
             Ok(maybe_private
                 .upgrade(Version::V1Lazy)
                 .authenticate(noise::Config::new(key)?)
-                .multiplex(yamux::Config::default())
+                .multiplex(yamux_config())
                 // A wrong PSK can leave the handshake waiting for bytes that never come.
                 .timeout(handshake_timeout))
         })?
@@ -243,6 +247,20 @@ fn build_swarm(
         })
         .build();
     Ok(swarm)
+}
+
+/// Peers the address book keeps before it forgets those it is not connected to.
+const MAX_BOOK_PEERS: usize = 4096;
+
+/// Streams one connection may carry at once. Past it yamux ends the whole connection,
+/// so the runtime keeps its tunnel streams per peer well below this
+/// (`RuntimeConfig::max_streams_per_instance` + `max_idle_tunnels` = 320 by default).
+pub const YAMUX_MAX_STREAMS: usize = 512;
+
+fn yamux_config() -> yamux::Config {
+    let mut c = yamux::Config::default();
+    c.set_max_num_streams(YAMUX_MAX_STREAMS);
+    c
 }
 
 impl P2p {
@@ -629,6 +647,11 @@ impl SwarmTask {
     }
 
     fn remember(&mut self, peer: PeerId, addrs: &[Multiaddr]) {
+        if self.book.len() >= MAX_BOOK_PEERS && !self.book.contains_key(&peer) {
+            // Peers we are not connected to go first; Kademlia keeps its own routing table.
+            let swarm = &self.swarm;
+            self.book.retain(|p, _| swarm.is_connected(p));
+        }
         let book = self.book.entry(peer).or_default();
         for a in addrs {
             let a = strip_p2p(a);
@@ -902,7 +925,8 @@ impl SwarmTask {
     }
 
     fn inbound_request(&mut self, peer: PeerId, request: Request, channel: ResponseChannel<Response>) {
-        if let Request::Ping { nonce } = request {
+        if let (Request::Ping { nonce }, false) = (&request, self.opts.pings_to_node) {
+            let nonce = *nonce;
             // Answered here, so a probe measures the network, not the node loop.
             let _ = self.swarm.behaviour_mut().rr.send_response(channel, Response::Pong { nonce });
             return;

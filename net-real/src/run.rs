@@ -39,11 +39,7 @@ pub async fn run_node<D: InstanceDriver, O: Observer>(
     local
         .run_until(async move {
             let listener = match opts.http {
-                Some(addr) => Some(
-                    tokio::net::TcpListener::bind(addr)
-                        .await
-                        .with_context(|| format!("cannot listen for HTTP on {addr}"))?,
-                ),
+                Some(addr) => Some(http_listener(addr).with_context(|| format!("cannot listen for HTTP on {addr}"))?),
                 None => None,
             };
             let bound = listener.as_ref().and_then(|l| l.local_addr().ok());
@@ -71,4 +67,18 @@ pub async fn run_node<D: InstanceDriver, O: Observer>(
             Err(anyhow::anyhow!("the node loop stopped unexpectedly"))
         })
         .await
+}
+
+/// Connections a burst of clients may open before the front end accepts them; past
+/// it the kernel drops their SYNs and they wait for retransmissions.
+const HTTP_BACKLOG: u32 = 4096;
+
+fn http_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(HTTP_BACKLOG)
 }

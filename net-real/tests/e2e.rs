@@ -57,6 +57,7 @@ fn hello_info() -> ServiceInfo {
         cpu_millis: 0,
         memory_mb: 0,
         stateful: false,
+        client_mode: false,
     }
 }
 

@@ -8,8 +8,10 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::io;
+use std::rc::Rc;
 use std::time::Duration;
 use turmoil::net::{TcpListener, TcpStream};
 
@@ -17,16 +19,24 @@ use turmoil::net::{TcpListener, TcpStream};
 pub const SERVED_BY: &str = "x-served-by";
 
 /// Serve the tiny application on `port` until the host (or the instance) stops:
-/// every request gets `200` with a body naming `instance` and the path it got.
-pub async fn serve_app(port: u16, instance: String) -> io::Result<()> {
+/// every request gets `200` with a body naming `instance` and the path it got —
+/// until `hung` is set: from then on connections are accepted and requests read,
+/// but none is answered (a stopped process behind a live sidecar).
+pub async fn serve_app(port: u16, instance: String, hung: Rc<Cell<bool>>) -> io::Result<()> {
     let listener = TcpListener::bind(("0.0.0.0", port)).await?;
     loop {
         let (stream, _) = listener.accept().await?;
         let instance = instance.clone();
+        let hung = hung.clone();
         tokio::task::spawn_local(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
                 let instance = instance.clone();
+                let hung = hung.clone();
                 async move {
+                    // Held while hung, as a stopped process holds what it has read.
+                    while hung.get() {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                     let body = format!("hello from {instance}: {}\n", req.uri());
                     let resp = Response::builder()
                         .status(StatusCode::OK)

@@ -348,6 +348,8 @@ fn apply(sim: &mut turmoil::Sim<'_>, ctx: &Ctx, fault: &Fault, at: Duration, h: 
         Fault::SlowStart { node, boot_delay_ms } => {
             ctx.boot_delays.borrow_mut().insert(node.clone(), Duration::from_millis(*boot_delay_ms));
         }
+        Fault::HangApps { node } => ctx.set_apps_hung(node, true),
+        Fault::ResumeApps { node } => ctx.set_apps_hung(node, false),
     }
 }
 

@@ -16,7 +16,7 @@ use physarum_core::types::{ContentHash, InstanceId, PeerAddr, PeerId, RunSpec, S
 use physarum_runtime::transport::{inbound_channel, ExitSink, InstanceDriver, Observer};
 use physarum_runtime::{NodeRuntime, Running, RuntimeConfig};
 use sha2::{Digest, Sha256};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
@@ -68,6 +68,12 @@ impl RequestRecord {
     }
 }
 
+/// An application started by the simulation: its host, and whether it is hung.
+struct RunningApp {
+    host: String,
+    hung: Rc<Cell<bool>>,
+}
+
 /// Everything the hosts of one run share (all on turmoil's one thread).
 pub struct Ctx {
     pub scenario: Scenario,
@@ -80,6 +86,8 @@ pub struct Ctx {
     pub boot_delays: RefCell<BTreeMap<String, Duration>>,
     /// Every instance ever started: peer id → host.
     pub instance_hosts: RefCell<BTreeMap<String, String>>,
+    /// The applications running now: instance (or service node) → where and whether hung.
+    apps: RefCell<BTreeMap<String, RunningApp>>,
     pub runtime: RuntimeConfig,
 }
 
@@ -110,12 +118,32 @@ impl Ctx {
             incarnations: RefCell::new(BTreeMap::new()),
             boot_delays: RefCell::new(boot_delays),
             instance_hosts: RefCell::new(BTreeMap::new()),
+            apps: RefCell::new(BTreeMap::new()),
             runtime: RuntimeConfig {
                 request_deadline: Duration::from_millis(scenario.tuning.request_deadline_ms),
                 ..RuntimeConfig::default()
             },
             scenario,
         })
+    }
+
+    /// `HangApps` / `ResumeApps`: every application now running on `host` stops
+    /// (or resumes) answering.
+    pub fn set_apps_hung(&self, host: &str, hung: bool) {
+        for (instance, app) in self.apps.borrow().iter() {
+            if app.host == host && app.hung.get() != hung {
+                app.hung.set(hung);
+                let what = if hung { "hang" } else { "resume" };
+                self.trace.here(host, Kind::Driver(format!("{what} {instance}")));
+            }
+        }
+    }
+
+    /// Register an application that starts now; it answers until `hang_apps`.
+    fn app_started(&self, instance: &str, host: &str) -> Rc<Cell<bool>> {
+        let hung = Rc::new(Cell::new(false));
+        self.apps.borrow_mut().insert(instance.to_string(), RunningApp { host: host.to_string(), hung: hung.clone() });
+        hung
     }
 
     fn next_incarnation(&self, host: &str) -> u32 {
@@ -146,6 +174,7 @@ impl Ctx {
             cpu_millis: spec.cpu_millis,
             memory_mb: spec.memory_mb,
             stateful: false,
+            client_mode: false,
         })
     }
 
@@ -211,10 +240,12 @@ struct NodeParts {
 async fn start_node<D: InstanceDriver>(
     ctx: &Rc<Ctx>,
     config: NodeConfig,
-    ep: EndpointConfig,
+    mut ep: EndpointConfig,
     driver: D,
     app_port: Option<u16>,
 ) -> std::io::Result<NodeParts> {
+    // A sidecar's probe answer says whether its application answers (the core decides).
+    ep.pings_to_node = app_port.is_some();
     let (senders, inbound) = inbound_channel();
     let peer = ep.peer.clone();
     let (transport, endpoint) = SimTransport::start(ep, senders, ctx.trace.clone()).await?;
@@ -283,7 +314,8 @@ pub async fn host_main(ctx: Rc<Ctx>, name: String) -> turmoil::Result {
             let signer = if matches!(role, Role::Service { .. }) { "operator" } else { "rogue" };
             config.trust.issuer = Some(Issuer::operator(ctx.key(signer)));
             config.serve = Some(service.clone());
-            extra.0.push(tokio::task::spawn_local(run_app(APP_PORT, name.clone())));
+            let hung = ctx.app_started(&name, &name);
+            extra.0.push(tokio::task::spawn_local(run_app(APP_PORT, name.clone(), hung)));
             start_node(&ctx, config, ep, physarum_runtime::NoDriver, Some(APP_PORT)).await?
         }
         Role::Client => {
@@ -304,8 +336,8 @@ pub async fn host_main(ctx: Rc<Ctx>, name: String) -> turmoil::Result {
     Ok(())
 }
 
-async fn run_app(port: u16, instance: String) {
-    if let Err(e) = app::serve_app(port, instance).await {
+async fn run_app(port: u16, instance: String, hung: Rc<Cell<bool>>) {
+    if let Err(e) = app::serve_app(port, instance, hung).await {
         tracing::warn!("application stopped: {e}");
     }
 }
@@ -415,7 +447,8 @@ impl InstanceDriver for SimDriver {
         config.serve = Some(service.name.clone());
         let ep = self.ctx.endpoint(&peer_id, &self.host, port);
         let addr = ep.addr();
-        let app = AbortOnDrop(vec![tokio::task::spawn_local(run_app(app_port, peer.clone()))]);
+        let hung = self.ctx.app_started(&peer, &self.host);
+        let app = AbortOnDrop(vec![tokio::task::spawn_local(run_app(app_port, peer.clone(), hung))]);
         let mut parts = match start_node(&self.ctx, config, ep, physarum_runtime::NoDriver, Some(app_port)).await {
             Ok(p) => p,
             Err(e) => {
@@ -442,6 +475,7 @@ impl InstanceDriver for SimDriver {
         let removed = self.instances.borrow_mut().remove(&instance);
         if removed.is_some() {
             self.ctx.trace.here(&self.host, Kind::Driver(format!("stop {}", self.peer_of(instance))));
+            self.ctx.apps.borrow_mut().remove(&self.peer_of(instance));
         }
         drop(removed);
     }

@@ -206,6 +206,12 @@ pub enum Fault {
     Loss { a: String, b: String, rate: f64 },
     /// From now on, this allocator's instances take this long to start.
     SlowStart { node: String, boot_delay_ms: u64 },
+    /// The applications running on this host now (a service node's, or an
+    /// allocator's instances') stop answering while their sidecars live on (a
+    /// SIGSTOPped process: connections are accepted, no request is answered).
+    HangApps { node: String },
+    /// They answer again (SIGCONT): requests held meanwhile are answered too.
+    ResumeApps { node: String },
 }
 
 impl Fault {
@@ -224,6 +230,8 @@ impl Fault {
             }
             Fault::Loss { a, b, rate } => format!("loss {a}<->{b} rate={rate}"),
             Fault::SlowStart { node, boot_delay_ms } => format!("slow-start {node} boot={boot_delay_ms}ms"),
+            Fault::HangApps { node } => format!("hang-apps {node}"),
+            Fault::ResumeApps { node } => format!("resume-apps {node}"),
         }
     }
 
@@ -238,6 +246,7 @@ impl Fault {
                 | Fault::Latency { .. }
                 | Fault::LatencySweep { .. }
                 | Fault::SlowStart { .. }
+                | Fault::HangApps { .. }
         )
     }
 }
@@ -511,6 +520,7 @@ impl Scenario {
                         return err("loss rate must be within 0..=1".into());
                     }
                 }
+                Fault::HangApps { node } | Fault::ResumeApps { node } => check(node)?,
                 Fault::SlowStart { node, .. } => {
                     check(node)?;
                     if !matches!(self.node(node).map(|n| &n.role), Some(Role::Allocator(_))) {

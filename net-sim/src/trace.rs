@@ -128,6 +128,9 @@ pub fn event_text(e: &Event) -> String {
             format!("allocation-refused {service} by={allocator} {reason}")
         }
         Event::Evicted { service, peer, reason } => format!("evicted {service} {peer} {reason}"),
+        Event::Retried { service } => format!("retried {service}"),
+        Event::RetryRefused { service } => format!("retry-refused {service}"),
+        Event::AppHealth { service, answering } => format!("app-health {service} answering={answering}"),
         Event::Untrusted { service, peer, reason } => format!("untrusted {service} {peer} {reason}"),
         Event::SeekBetter { service, peer } => format!("seek-better {service} {peer}"),
         Event::Switched { service, from, to } => format!("switched {service} {from} -> {to}"),
@@ -167,7 +170,7 @@ impl Trace {
     /// Record an output of a node's core worth tracing (routing decisions, errors, events).
     pub fn output(&self, node: &str, output: &Output) {
         match output {
-            Output::Respond { outcome: Outcome::Route { instance, service }, .. } => {
+            Output::Respond { outcome: Outcome::Route { instance, service, .. }, .. } => {
                 self.here(node, Kind::Routed { service: service.to_string(), instance: instance.peer.to_string() })
             }
             Output::Respond { outcome: Outcome::Fail { status, reason }, .. } => {

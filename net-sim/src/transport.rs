@@ -55,6 +55,9 @@ pub struct EndpointConfig {
     pub tunnel_connect_timeout: Duration,
     /// How long an advertisement waits for a bootstrap's acknowledgement.
     pub advertise_timeout: Duration,
+    /// Pass pings on to the node rather than answering them here (sidecars: their
+    /// answer says whether the application answers).
+    pub pings_to_node: bool,
 }
 
 impl EndpointConfig {
@@ -72,6 +75,7 @@ impl EndpointConfig {
             reconnect_max: Duration::from_secs(512),
             tunnel_connect_timeout: Duration::from_secs(2),
             advertise_timeout: Duration::from_secs(2),
+            pings_to_node: false,
         }
     }
 
@@ -307,7 +311,7 @@ async fn node_loop(inner: Rc<Inner>, requests: mpsc::UnboundedSender<InboundRequ
         let Ok((n, src)) = inner.node_sock.recv_from(&mut buf).await else { return };
         let Ok(Some((env, _))) = wire::decode::<Envelope>(&buf[..n]) else { continue };
         match env {
-            Envelope::Request { id, body: Request::Ping { nonce }, .. } => {
+            Envelope::Request { id, body: Request::Ping { nonce }, .. } if !inner.cfg.pings_to_node => {
                 reply(&inner.node_sock, id, Response::Pong { nonce }, src).await;
             }
             Envelope::Request { id, from, body } => {

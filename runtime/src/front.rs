@@ -2,15 +2,17 @@
 //! request is tunnelled to an instance of `<service>` with its body streamed both
 //! ways, or answered with the core's status and a plain-text reason.
 
-use crate::http::{strip_for_forwarding, text_response, ProxyBody};
+use crate::http::{strip_for_forwarding, text_response, ProxyBody, RequestBody};
+use crate::limits::Limits;
 use crate::node_loop::NodeHandle;
 use crate::transport::{Listener, Observer, Transport};
 use crate::tunnel::{SendFailure, TunnelPool};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::http::uri::{InvalidUri, PathAndQuery};
 use hyper::{Request, Response, Uri};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use physarum_core::io::{Input, Outcome};
+use physarum_core::resilience::{is_idempotent, IDEMPOTENT_HEADER};
 use physarum_core::types::{ContentHash, PeerAddr};
 use std::convert::Infallible;
 use std::rc::Rc;
@@ -24,6 +26,7 @@ pub(crate) struct FrontCtx<T: Transport> {
     pub pool: Rc<TunnelPool<T>>,
     pub observer: Rc<dyn Observer>,
     pub request_deadline: Duration,
+    pub limits: Rc<Limits>,
 }
 
 pub(crate) async fn serve<L: Listener, T: Transport>(mut listener: L, ctx: Rc<FrontCtx<T>>) {
@@ -79,7 +82,7 @@ async fn handle<T: Transport>(ctx: &FrontCtx<T>, req: Request<Incoming>) -> Resp
     resp
 }
 
-async fn route<T: Transport>(ctx: &FrontCtx<T>, mut req: Request<Incoming>) -> (String, Response<ProxyBody>) {
+async fn route<T: Transport>(ctx: &FrontCtx<T>, req: Request<Incoming>) -> (String, Response<ProxyBody>) {
     let Some((service, rest)) = split_path(req.uri().path()) else {
         return (String::new(), text_response(400, "no service in the path: use /<service>/<path>"));
     };
@@ -90,26 +93,80 @@ async fn route<T: Transport>(ctx: &FrontCtx<T>, mut req: Request<Incoming>) -> (
         Ok(pq) => Uri::from(pq),
         Err(e) => return (service, text_response(400, format!("bad path: {e}"))),
     };
-    *req.uri_mut() = forward;
-    *req.version_mut() = hyper::Version::HTTP_11;
-    strip_for_forwarding(req.headers_mut());
-    // A cached instance that died is only noticed when its tunnel cannot be opened;
-    // the request is still untouched then, so the core is asked once more (it has
-    // evicted the peer and finds or allocates another) rather than failing the client.
-    // An instance that fails the trust check never saw the request either: the core
-    // bans it and is asked again, a few times (several rogue providers may answer).
-    let mut retried = false;
+    let admitted = match ctx.limits.requests.enter(ctx.limits.queue_wait).await {
+        Ok(a) => a,
+        Err(refusal) => {
+            tracing::info!(%service, "refused: the proxy is at its concurrency limit ({refusal:?})");
+            return (service, ctx.limits.overloaded("the proxy", refusal));
+        }
+    };
+    let (mut parts, body) = req.into_parts();
+    parts.uri = forward;
+    parts.version = hyper::Version::HTTP_11;
+    strip_for_forwarding(&mut parts.headers);
+    let marked = parts.headers.get(IDEMPOTENT_HEADER).and_then(|v| v.to_str().ok());
+    // A request that may be sent twice and has no body can be rebuilt for a retry
+    // even after its first try took it.
+    let replayable = is_idempotent(parts.method.as_str(), marked) && body.is_end_stream();
+    let replay = replayable.then(|| Request::from_parts(parts.clone(), ()));
+    let req = Request::from_parts(parts, RequestBody::from(body));
+    let busy = ctx.handle.busy();
+    let resp = forward_with_retry(ctx, &service, req, replay, deadline).await;
+    (service, resp.map(|b| b.hold(admitted).hold(busy)))
+}
+
+/// Route and send `req`; after a failed try, route it once more (the core decides
+/// whether the retry budget allows) if the request is still in hand (`unsent`) or
+/// can be rebuilt from `replay`. An instance that fails the trust check never saw
+/// the request: the core bans it and is asked again, a few times (several rogue
+/// providers may answer), outside the retry budget.
+async fn forward_with_retry<T: Transport>(
+    ctx: &FrontCtx<T>,
+    service: &str,
+    mut req: Request<RequestBody>,
+    replay: Option<Request<()>>,
+    deadline: tokio::time::Instant,
+) -> Response<ProxyBody> {
+    let mut failed: Option<(Response<ProxyBody>, String)> = None;
     let mut untrusted_left = MAX_UNTRUSTED_PER_REQUEST;
     loop {
-        let (instance, hash) = match decide(ctx, &service, deadline).await {
+        let retry = failed.is_some();
+        let (instance, hash, try_timeout) = match decide(ctx, service, deadline, retry).await {
             Ok(route) => route,
-            Err(resp) => return (service, resp),
+            Err(resp) => {
+                return match failed {
+                    // The retry could not be routed: answer with the first failure.
+                    Some((first, _)) => first,
+                    None => resp,
+                };
+            }
+        };
+        if let Some((_, reason)) = &failed {
+            tracing::info!(%service, peer = %instance.peer, "retrying on another instance after: {reason}");
+        }
+        let gate = ctx.limits.streams.gate(&instance.peer);
+        let wait = ctx.limits.queue_wait.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        let stream_place = match gate.enter(wait).await {
+            Ok(p) => p,
+            Err(refusal) => {
+                tracing::info!(%service, peer = %instance.peer, "refused: the instance's stream limit is reached ({refusal:?})");
+                return ctx
+                    .limits
+                    .overloaded(&format!("the tunnel to instance {} of {service}", instance.peer), refusal);
+            }
         };
         // A tunnel whose connection died silently (partition, host gone without a
-        // RST) never errors: bound the wait, and drop the stream with the future so
-        // it never returns to the pool.
-        match tokio::time::timeout_at(deadline, ctx.pool.send(&instance, &service, &hash, req)).await {
-            Ok(Ok(resp)) => return (service, resp),
+        // RST) never errors, and a stalled application never answers: bound the
+        // wait for the response head by the try's timeout. The stream is dropped with
+        // the future, so it never returns to the pool.
+        let try_until = deadline.min(tokio::time::Instant::now() + try_timeout);
+        let (status, reason, unsent) = match tokio::time::timeout_at(
+            try_until,
+            ctx.pool.send(&instance, service, &hash, req),
+        )
+        .await
+        {
+            Ok(Ok(resp)) => return resp.map(|b| b.hold(stream_place)),
             Ok(Err(SendFailure { reason, unsent: Some(back), untrusted: true })) => {
                 tracing::warn!(%service, peer = %instance.peer, %reason, "instance failed the trust check; not routing to it");
                 ctx.handle.feed(Input::Untrusted {
@@ -119,48 +176,61 @@ async fn route<T: Transport>(ctx: &FrontCtx<T>, mut req: Request<Incoming>) -> (
                 });
                 untrusted_left -= 1;
                 if untrusted_left == 0 {
-                    let msg = format!("no trusted instance of {service}: {} {reason}", instance.peer);
-                    return (service, text_response(502, msg));
+                    return text_response(502, format!("no trusted instance of {service}: {} {reason}", instance.peer));
                 }
                 req = back;
+                continue;
             }
-            Ok(Err(SendFailure { reason, unsent, .. })) => {
-                ctx.handle.route_failed(hash, instance.peer.clone(), reason.clone());
-                match unsent {
-                    Some(back) if !retried => {
-                        tracing::debug!(%service, peer = %instance.peer, %reason, "instance unreachable, asking again");
-                        retried = true;
-                        req = back;
-                    }
-                    _ => {
-                        let msg = format!("could not forward to instance {} of {service}: {reason}", instance.peer);
-                        return (service, text_response(502, msg));
-                    }
-                }
+            Ok(Err(SendFailure { reason, unsent, .. })) => (502, reason, unsent),
+            Err(_) if try_until < deadline => {
+                (504, format!("no response head within the try timeout ({try_timeout:?})"), None)
             }
-            Err(_) => {
-                let reason = "no response within the request deadline".to_string();
-                ctx.handle.route_failed(hash, instance.peer.clone(), reason.clone());
-                let msg = format!("instance {} of {service} sent {reason}", instance.peer);
-                return (service, text_response(504, msg));
+            Err(_) => (504, "no response within the request deadline".to_string(), None),
+        };
+        drop(stream_place);
+        ctx.handle.route_failed(hash, instance.peer.clone(), reason.clone());
+        let msg = format!("instance {} of {service} failed: {reason}", instance.peer);
+        let again = unsent.or_else(|| replay.as_ref().map(rebuild));
+        match again {
+            Some(back) if !retry && tokio::time::Instant::now() < deadline => {
+                failed = Some((text_response(status, msg), reason));
+                req = back;
             }
+            _ => return text_response(status, msg),
         }
     }
 }
 
-/// Ask the core where `service`'s request goes, within what is left of `deadline`:
-/// the instance and the service's hash, or the response to give the client.
+/// A copy of a request that had no body.
+fn rebuild(head: &Request<()>) -> Request<RequestBody> {
+    let mut req = Request::new(RequestBody::Empty);
+    *req.method_mut() = head.method().clone();
+    *req.uri_mut() = head.uri().clone();
+    *req.version_mut() = head.version();
+    *req.headers_mut() = head.headers().clone();
+    req
+}
+
+/// Ask the core where `service`'s request goes (`retry`: after a failed try),
+/// within what is left of `deadline`: the instance, the service's hash and the
+/// try's timeout, or the response to give the client.
 async fn decide<T: Transport>(
     ctx: &FrontCtx<T>,
     service: &str,
     deadline: tokio::time::Instant,
-) -> Result<(PeerAddr, ContentHash), Response<ProxyBody>> {
+    retry: bool,
+) -> Result<(PeerAddr, ContentHash, Duration), Response<ProxyBody>> {
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let asked = async {
+        match retry {
+            false => ctx.handle.request(service.to_string(), left).await,
+            true => ctx.handle.retry(service.to_string(), left).await,
+        }
+    };
     // The core answers by the deadline; the extra second only guards against a bug.
-    let outcome =
-        tokio::time::timeout(left + Duration::from_secs(1), ctx.handle.request(service.to_string(), left)).await;
+    let outcome = tokio::time::timeout(left + Duration::from_secs(1), asked).await;
     match outcome {
-        Ok(Some(Outcome::Route { instance, service: hash })) => Ok((instance, hash)),
+        Ok(Some(Outcome::Route { instance, service: hash, try_timeout })) => Ok((instance, hash, try_timeout)),
         Ok(Some(Outcome::Fail { status, reason })) => Err(text_response(status, reason)),
         Ok(None) => Err(text_response(503, "the node is shutting down")),
         Err(_) => Err(text_response(504, "no decision within the request deadline")),

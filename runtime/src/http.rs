@@ -19,6 +19,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// body has been read to its end (the tunnel pool uses it to reuse the stream).
 pub struct ProxyBody {
     kind: Kind,
+    /// Whatever must live as long as the body (admission places, in-flight marks).
+    held: Vec<Box<dyn std::any::Any>>,
 }
 
 enum Kind {
@@ -28,19 +30,24 @@ enum Kind {
 
 impl ProxyBody {
     pub fn text(text: impl Into<String>) -> Self {
-        ProxyBody { kind: Kind::Full(Full::new(Bytes::from(text.into()))) }
+        ProxyBody { kind: Kind::Full(Full::new(Bytes::from(text.into()))), held: Vec::new() }
     }
     pub fn empty() -> Self {
-        ProxyBody { kind: Kind::Full(Full::new(Bytes::new())) }
+        ProxyBody { kind: Kind::Full(Full::new(Bytes::new())), held: Vec::new() }
     }
     pub fn stream(inner: Incoming) -> Self {
-        ProxyBody { kind: Kind::Stream { inner, on_end: None } }
+        ProxyBody { kind: Kind::Stream { inner, on_end: None }, held: Vec::new() }
     }
     /// Stream `inner`; call `on_end` once it has been read completely.
     pub fn stream_then(inner: Incoming, on_end: impl FnOnce() + 'static) -> Self {
-        let mut body = ProxyBody { kind: Kind::Stream { inner, on_end: Some(Box::new(on_end)) } };
+        let mut body = ProxyBody { kind: Kind::Stream { inner, on_end: Some(Box::new(on_end)) }, held: Vec::new() };
         body.fire_if_ended();
         body
+    }
+    /// Keep `guard` alive until this body is dropped (read to its end or abandoned).
+    pub fn hold(mut self, guard: impl std::any::Any) -> Self {
+        self.held.push(Box::new(guard));
+        self
     }
     fn fire_if_ended(&mut self) {
         if let Kind::Stream { inner, on_end } = &mut self.kind {
@@ -88,6 +95,46 @@ impl Body for ProxyBody {
         match &self.kind {
             Kind::Full(f) => f.size_hint(),
             Kind::Stream { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+/// A request body on its way to the next hop: the client's, streamed through, or
+/// none (a request rebuilt to be sent again, which had no body).
+#[derive(Debug)]
+pub enum RequestBody {
+    Streamed(Incoming),
+    Empty,
+}
+
+impl From<Incoming> for RequestBody {
+    fn from(body: Incoming) -> Self {
+        RequestBody::Streamed(body)
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Streamed(inner) => Pin::new(inner).poll_frame(cx),
+            RequestBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Streamed(inner) => inner.is_end_stream(),
+            RequestBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Streamed(inner) => inner.size_hint(),
+            RequestBody::Empty => SizeHint::with_exact(0),
         }
     }
 }

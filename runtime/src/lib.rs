@@ -31,14 +31,16 @@
 //!   why. Service side: hello checked against the served name, HTTP served on the
 //!   stream, each request forwarded to the app through the [`Connector`] and reported
 //!   as `Input::TunnelServed`.
+mod app_check;
 mod front;
 pub mod http;
+mod limits;
 pub mod node_loop;
 pub mod transport;
 pub mod tunnel;
 
 pub use front::{forward_path, split_path};
-pub use node_loop::{NodeHandle, NodeRuntime, Running, RuntimeConfig};
+pub use node_loop::{NodeHandle, NodeRuntime, Running, RuntimeConfig, ServingRequest};
 pub use transport::{
     inbound_channel, ByteStream, Connector, ExitSink, Inbound, InboundRequest, InboundSenders, InboundTunnel,
     InstanceDriver, Listener, NetEvent, NoApp, NoDriver, Observer, TcpConnector, Transport,

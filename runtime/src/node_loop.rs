@@ -8,7 +8,9 @@
 //! behind probes or allocations. Deterministic-friendly: `tokio::time` only, `biased`
 //! selects, ordered maps only.
 
+use crate::app_check;
 use crate::front;
+use crate::limits::Limits;
 use crate::transport::{
     Connector, ExitSink, Inbound, InboundRequest, InstanceDriver, Listener, NetEvent, NoApp, NoDriver, Observer,
     Transport,
@@ -23,6 +25,8 @@ use physarum_core::Node;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
@@ -41,6 +45,23 @@ pub struct RuntimeConfig {
     /// Slack added to each operation's timeout before the loop gives up on the
     /// transport itself (the core enforces timeouts too; this only frees the task).
     pub op_slack: Duration,
+    /// Client requests one proxy handles at once (deciding and forwarding).
+    pub max_concurrent_requests: usize,
+    /// Client requests that may wait for a place under `max_concurrent_requests`.
+    pub max_queued_requests: usize,
+    /// Tunnel streams in use towards one instance at once. With `max_idle_tunnels`
+    /// this stays below the muxer's stream limit per connection (512 in net-real).
+    pub max_streams_per_instance: usize,
+    /// Requests that may wait for a stream to one instance.
+    pub max_queued_per_instance: usize,
+    /// How long a request waits in a queue before it is answered 503.
+    pub queue_wait: Duration,
+    /// The `Retry-After` sent with a 503 for overload.
+    pub retry_after: Duration,
+    /// Service mode: how often the sidecar checks that its application answers ...
+    pub app_check_interval: Duration,
+    /// ... and how long the application has to answer.
+    pub app_check_timeout: Duration,
 }
 
 impl Default for RuntimeConfig {
@@ -48,16 +69,24 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             request_deadline: Duration::from_secs(30),
             max_idle_tunnels: 64,
-            tunnel_open_timeout: Duration::from_secs(5),
+            tunnel_open_timeout: Duration::from_secs(2),
             tunnel_hello_timeout: Duration::from_secs(5),
             op_slack: Duration::from_secs(1),
+            max_concurrent_requests: 1024,
+            max_queued_requests: 1024,
+            max_streams_per_instance: 256,
+            max_queued_per_instance: 512,
+            queue_wait: Duration::from_secs(1),
+            retry_after: Duration::from_secs(1),
+            app_check_interval: Duration::from_secs(1),
+            app_check_timeout: Duration::from_secs(1),
         }
     }
 }
 
 /// What the front end and the tunnel server ask of the node loop.
 pub(crate) enum Command {
-    Http { service: String, deadline: Duration, reply: oneshot::Sender<Outcome> },
+    Http { service: String, deadline: Duration, reply: oneshot::Sender<Outcome>, retry: bool },
     Input(Input),
 }
 
@@ -66,6 +95,8 @@ pub(crate) enum Command {
 pub struct NodeHandle {
     cmd: mpsc::UnboundedSender<Command>,
     local: PeerId,
+    /// Client requests and tunnelled requests in flight (for draining on shutdown).
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl NodeHandle {
@@ -73,7 +104,7 @@ impl NodeHandle {
     #[cfg(test)]
     pub(crate) fn for_test(local: PeerId) -> (NodeHandle, mpsc::UnboundedReceiver<Command>) {
         let (cmd, rx) = mpsc::unbounded_channel();
-        (NodeHandle { cmd, local }, rx)
+        (NodeHandle { cmd, local, in_flight: Arc::default() }, rx)
     }
 
     /// This node's peer id.
@@ -85,7 +116,7 @@ impl NodeHandle {
     /// segment), to be decided within `deadline`. `None` when the loop has stopped.
     pub async fn request(&self, service: String, deadline: Duration) -> Option<Outcome> {
         let (reply, rx) = oneshot::channel();
-        self.cmd.send(Command::Http { service, deadline, reply }).ok()?;
+        self.cmd.send(Command::Http { service, deadline, reply, retry: false }).ok()?;
         rx.await.ok()
     }
 
@@ -94,15 +125,65 @@ impl NodeHandle {
         self.feed(Input::RouteFailed { service, peer, reason });
     }
 
-    /// Service mode: a tunnelled request was served.
-    pub fn tunnel_served(&self) {
+    /// Service mode: a tunnelled request begins; it ends when the guard is dropped.
+    pub fn serving_request(&self) -> ServingRequest {
         self.feed(Input::TunnelServed);
+        ServingRequest { node: self.clone(), _busy: self.busy() }
+    }
+
+    /// A request in flight, until the guard is dropped.
+    pub fn busy(&self) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        Busy(self.in_flight.clone())
+    }
+
+    /// Requests in flight now (client requests in the front end, tunnelled ones served).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Wait until no request is in flight, or `limit` has passed; whether none is.
+    pub async fn drained(&self, limit: Duration) -> bool {
+        let until = tokio::time::Instant::now() + limit;
+        while self.in_flight() > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.in_flight() == 0
+    }
+
+    /// Route a request again after its try failed (the core checks its retry budget).
+    pub async fn retry(&self, service: String, deadline: Duration) -> Option<Outcome> {
+        let (reply, rx) = oneshot::channel();
+        self.cmd.send(Command::Http { service, deadline, reply, retry: true }).ok()?;
+        rx.await.ok()
     }
 
     /// Feed any other input (not `HttpRequest`: use [`NodeHandle::request`]; not
     /// `PeerRequest`/`OpDone`: those belong to the loop).
     pub fn feed(&self, input: Input) {
         let _ = self.cmd.send(Command::Input(input));
+    }
+}
+
+/// A tunnelled request being served (service mode); dropping it tells the core
+/// the request ended.
+pub struct ServingRequest {
+    node: NodeHandle,
+    _busy: Busy,
+}
+
+/// Counts one request in flight while it lives.
+pub struct Busy(Arc<AtomicUsize>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Drop for ServingRequest {
+    fn drop(&mut self) {
+        self.node.feed(Input::TunnelDone);
     }
 }
 
@@ -182,7 +263,7 @@ impl<T: Transport, D: InstanceDriver, C: Connector> NodeRuntime<T, D, C> {
     pub fn spawn(self) -> Running<T> {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let local = self.transport.local_peer();
-        let handle = NodeHandle { cmd: cmd_tx, local };
+        let handle = NodeHandle { cmd: cmd_tx, local, in_flight: Arc::default() };
         let Inbound { requests, tunnels, events } = self.inbound;
         let serve = self.node_config.serve.clone();
         let start = tokio::time::Instant::now();
@@ -190,6 +271,16 @@ impl<T: Transport, D: InstanceDriver, C: Connector> NodeRuntime<T, D, C> {
         verifier.issuer = None;
         let pool = Rc::new(TunnelPool::new(self.transport.clone(), &self.config, verifier, start));
         let credentials = CredentialsCell::default();
+        let mut tasks = Vec::new();
+        if serve.is_some() {
+            let check = app_check::check_app(
+                self.app.clone(),
+                handle.clone(),
+                self.config.app_check_interval,
+                self.config.app_check_timeout,
+            );
+            tasks.push(tokio::task::spawn_local(check));
+        }
         let tunnel_task = tokio::task::spawn_local(tunnel::serve_tunnels(
             tunnels,
             serve,
@@ -220,7 +311,10 @@ impl<T: Transport, D: InstanceDriver, C: Connector> NodeRuntime<T, D, C> {
             tasks: JoinSet::new(),
         };
         let loop_task = tokio::task::spawn_local(state.run(cmd_rx, ops_rx, local_rx, exit_rx, requests, events));
-        Running { handle, pool, observer: self.observer, config: self.config, tasks: vec![tunnel_task, loop_task] }
+        let limits = Rc::new(Limits::new(&self.config));
+        // The loop task stays second: `Running::stopped` waits on it.
+        tasks.splice(0..0, [tunnel_task, loop_task]);
+        Running { handle, pool, limits, observer: self.observer, config: self.config, tasks }
     }
 }
 
@@ -229,6 +323,7 @@ impl<T: Transport, D: InstanceDriver, C: Connector> NodeRuntime<T, D, C> {
 pub struct Running<T: Transport> {
     handle: NodeHandle,
     pool: Rc<TunnelPool<T>>,
+    limits: Rc<Limits>,
     observer: Rc<dyn Observer>,
     config: RuntimeConfig,
     tasks: Vec<JoinHandle<()>>,
@@ -247,6 +342,7 @@ impl<T: Transport> Running<T> {
             pool: self.pool.clone(),
             observer: self.observer.clone(),
             request_deadline: self.config.request_deadline,
+            limits: self.limits.clone(),
         });
         self.tasks.push(tokio::task::spawn_local(front::serve(listener, ctx)));
     }
@@ -331,12 +427,15 @@ impl<T: Transport, D: InstanceDriver> LoopState<T, D> {
                 _ = sleep => self.feed(Input::Tick),
                 Some((op, result)) = ops.recv() => self.feed(Input::OpDone { op, result }),
                 Some(cmd) = cmds.recv() => match cmd {
-                    Command::Http { service, deadline, reply } => {
+                    Command::Http { service, deadline, reply, retry } => {
                         let req = ReqId(self.next_req);
                         self.next_req += 1;
                         self.pending_http.insert(req, reply);
                         let deadline = self.now() + deadline;
-                        self.feed(Input::HttpRequest { req, service, deadline });
+                        match retry {
+                            false => self.feed(Input::HttpRequest { req, service, deadline }),
+                            true => self.feed(Input::HttpRetry { req, service, deadline }),
+                        }
                     }
                     Command::Input(input) => self.feed(input),
                 },

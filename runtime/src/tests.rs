@@ -238,6 +238,7 @@ async fn harness() -> Harness {
                     let to = |peer: &str| Outcome::Route {
                         instance: PeerAddr::new(peer, vec![]),
                         service: ContentHash(format!("hash-{service}")),
+                        try_timeout: Duration::from_secs(10),
                     };
                     let outcome = match service.as_str() {
                         "hello" if to_dead.replace(false) => to("dead"),
@@ -248,6 +249,7 @@ async fn harness() -> Harness {
                             Outcome::Route {
                                 instance: PeerAddr::new(*peer, vec![]),
                                 service: ContentHash("hash-hello".into()),
+                                try_timeout: Duration::from_secs(10),
                             }
                         }
                         "hello" | "wrong" => to("B"),
@@ -268,6 +270,7 @@ async fn harness() -> Harness {
         pool: pool.clone(),
         observer: Rc::new(()),
         request_deadline: Duration::from_secs(5),
+        limits: Rc::new(crate::limits::Limits::new(&RuntimeConfig::default())),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let front = listener.local_addr().unwrap();
@@ -448,7 +451,7 @@ fn an_unreachable_application_is_a_502_from_the_instance() {
         let net = FakeNet::default();
         serve_hello_as_b(&net, dead);
         let pool = new_pool(&net);
-        let req = Request::get("/x").body(empty_incoming().await).unwrap();
+        let req = Request::get("/x").body(empty_incoming().await.into()).unwrap();
         let resp =
             pool.send(&PeerAddr::new("B", vec![]), "hello", &ContentHash("hash-hello".into()), req).await.unwrap();
         assert_eq!(resp.status(), 502);
@@ -502,6 +505,7 @@ fn the_node_loop_runs_the_core_answers_peers_and_executes_outputs() {
             cpu_millis: 0,
             memory_mb: 0,
             stateful: false,
+            client_mode: false,
         };
         let mut config = NodeConfig::new(PeerId("A".into()), Requirements::default());
         let entry = SignedEntry::sign("hello".into(), 1, Some(info), &operator());
@@ -595,6 +599,7 @@ fn routing_to_a_cached_peer_does_not_wait_behind_a_probe() {
             cpu_millis: 0,
             memory_mb: 0,
             stateful: false,
+            client_mode: false,
         });
         let (_senders, inbound) = inbound_channel::<DuplexStream>();
         let reqs = Requirements {

@@ -19,7 +19,9 @@
 //!   instance, for this peer and this service's hash) before the first request byte:
 //!   an instance that cannot show them never sees a request.
 
-use crate::http::{read_frame, strip_for_forwarding, strip_hop_by_hop, text_response, write_frame, ProxyBody};
+use crate::http::{
+    read_frame, strip_for_forwarding, strip_hop_by_hop, text_response, write_frame, ProxyBody, RequestBody,
+};
 use crate::node_loop::{NodeHandle, RuntimeConfig};
 use crate::transport::{ByteStream, Connector, InboundTunnel, Transport};
 use hyper::body::Incoming;
@@ -43,7 +45,7 @@ type Key = (PeerId, String);
 #[derive(Debug)]
 pub struct SendFailure {
     pub reason: String,
-    pub unsent: Option<Request<Incoming>>,
+    pub unsent: Option<Request<RequestBody>>,
     /// The instance showed no valid credentials (nothing was sent to it).
     pub untrusted: bool,
 }
@@ -61,7 +63,7 @@ enum OpenFailure {
 /// Client side: pooled tunnel streams to instance peers.
 pub struct TunnelPool<T: Transport> {
     transport: T,
-    idle: RefCell<BTreeMap<Key, Vec<SendRequest<Incoming>>>>,
+    idle: RefCell<BTreeMap<Key, Vec<SendRequest<RequestBody>>>>,
     max_idle: usize,
     open_timeout: Duration,
     trust: TrustConfig,
@@ -106,18 +108,24 @@ impl<T: Transport> TunnelPool<T> {
         self.idle.borrow().get(&(peer.clone(), service.to_string())).map_or(0, Vec::len)
     }
 
-    fn take_idle(&self, key: &Key) -> Option<SendRequest<Incoming>> {
+    fn take_idle(&self, key: &Key) -> Option<SendRequest<RequestBody>> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(key)?;
+        let mut found = None;
         while let Some(s) = list.pop() {
             if s.is_ready() {
-                return Some(s);
+                found = Some(s);
+                break;
             }
         }
-        None
+        // No key outlives its streams: the map follows the peers in use.
+        if list.is_empty() {
+            idle.remove(key);
+        }
+        found
     }
 
-    fn put_idle(self: &Rc<Self>, key: Key, mut sender: SendRequest<Incoming>) {
+    fn put_idle(self: &Rc<Self>, key: Key, mut sender: SendRequest<RequestBody>) {
         let pool = self.clone();
         // The connection becomes ready again once its task has seen the response end.
         tokio::task::spawn_local(async move {
@@ -139,7 +147,7 @@ impl<T: Transport> TunnelPool<T> {
         peer: &PeerAddr,
         service: &str,
         hash: &ContentHash,
-    ) -> Result<SendRequest<Incoming>, OpenFailure> {
+    ) -> Result<SendRequest<RequestBody>, OpenFailure> {
         let fut = async {
             let unreachable = OpenFailure::Unreachable;
             let mut stream = self.transport.open_tunnel(peer.clone()).await.map_err(unreachable)?;
@@ -167,7 +175,7 @@ impl<T: Transport> TunnelPool<T> {
         peer: &PeerAddr,
         service: &str,
         hash: &ContentHash,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
     ) -> Result<Response<ProxyBody>, SendFailure> {
         let key: Key = (peer.peer.clone(), service.to_string());
         let mut fresh_failures = 0;
@@ -272,8 +280,9 @@ async fn serve_one<S: ByteStream, C: Connector>(
         let upstream = upstream.clone();
         let node = node.clone();
         async move {
-            node.tunnel_served();
-            Ok::<_, std::convert::Infallible>(upstream.forward(req).await)
+            // Busy from here until the response has been sent or abandoned.
+            let busy = node.serving_request();
+            Ok::<_, std::convert::Infallible>(upstream.forward(req).await.map(|body| body.hold(busy)))
         }
     });
     hyper::server::conn::http1::Builder::new()
@@ -341,7 +350,13 @@ impl<C: Connector> AppLink<C> {
 
 /// An HTTP/1.1 client on `io`, its connection driven by a local task until it ends;
 /// `what` names the connection in the log line that marks its end.
-async fn http1_client<S: ByteStream>(io: S, what: &'static str) -> hyper::Result<SendRequest<Incoming>> {
+pub(crate) async fn http1_client<S, B>(io: S, what: &'static str) -> hyper::Result<SendRequest<B>>
+where
+    S: ByteStream,
+    B: hyper::body::Body + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let (sender, conn) = client1::handshake(TokioIo::new(io)).await?;
     tokio::task::spawn_local(async move {
         if let Err(e) = conn.await {

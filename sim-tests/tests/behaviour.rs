@@ -115,20 +115,26 @@ fn peer_cache_hit_skips_discovery_for_later_requests() {
     });
 }
 
-#[test]
-fn instance_crash_evicts_the_peer_and_a_new_instance_serves() {
-    // The instance runs inside alloc1's host; crashing the host takes it along.
-    let s = base("instance-crash", 40_000)
+/// A client, a near allocator (alloc1, serving first) and a farther one (alloc2),
+/// requests every 500 ms from 2 s to 37 s, and `fault` at 15 s.
+fn near_and_far_allocators(name: &str, fault: Fault) -> physarum_net_sim::Scenario {
+    base(name, 40_000)
         .allocator("alloc1")
         .allocator("alloc2")
         .client("client1")
         .link("client1", "alloc1", 2.0)
         .link("client1", "alloc2", 6.0)
         .requests("client1", "hello", 2000, 35_000, 2.0)
-        .at(15_000, Fault::Crash { node: "alloc1".into() })
+        .at(15_000, fault)
         .invariants(strict())
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn instance_crash_evicts_the_peer_and_a_new_instance_serves() {
+    // The instance runs inside alloc1's host; crashing the host takes it along.
+    let s = near_and_far_allocators("instance-crash", Fault::Crash { node: "alloc1".into() });
     run_seeds("instance_crash_evicts_the_peer_and_a_new_instance_serves", &s, 1, |r| {
         let before: Vec<_> = r.served_by().into_iter().filter(|(t, _)| *t < secs(15)).collect();
         assert!(!before.is_empty() && before.iter().all(|(_, by)| host_of(by) == "alloc1"), "{before:?}");
@@ -533,5 +539,28 @@ fn message_loss_requests_are_answered_and_succeed_again_after_it() {
             assert!(matches!(q.fate, Fate::Answered { status, .. } if status >= 500), "{q:?}");
         }
         all_ok_from(r, secs(30));
+    });
+}
+
+#[test]
+fn a_hung_application_behind_a_live_sidecar_is_failed_over() {
+    // The instance's application stops answering at 15 s (SIGSTOP) while its sidecar
+    // lives on: the try times out, the request is retried elsewhere, and the sidecar's
+    // probe answers say the application is down.
+    let s = near_and_far_allocators("hung-app", Fault::HangApps { node: "alloc1".into() });
+    run_seeds("a_hung_application_behind_a_live_sidecar_is_failed_over", &s, 1, |r| {
+        let before: Vec<_> = r.served_by().into_iter().filter(|(t, _)| *t < secs(15)).collect();
+        assert!(!before.is_empty() && before.iter().all(|(_, by)| host_of(by) == "alloc1"), "{before:?}");
+        let hung = before[0].1.clone();
+        let evicted = events_on(r, "client1", |e| matches!(e, Event::Evicted { peer, .. } if peer.0 == hung));
+        assert!(!evicted.is_empty(), "the hung instance is evicted");
+        assert!(evicted[0].0 <= secs(20), "evicted only at {:?}", evicted[0].0);
+        let after: Vec<_> = r.served_by().into_iter().filter(|(t, _)| *t >= secs(15)).collect();
+        assert!(!after.is_empty() && after.iter().all(|(_, by)| *by != hung), "{after:?}");
+        // Every request succeeds: the one caught by the hang is retried within its deadline.
+        all_ok_from(r, Duration::ZERO);
+        assert!(!events_on(r, "client1", |e| matches!(e, Event::Retried { .. })).is_empty());
+        let health = events_on(r, &hung, |e| matches!(e, Event::AppHealth { answering: false, .. }));
+        assert!(!health.is_empty(), "the sidecar notices its application does not answer");
     });
 }

@@ -1,8 +1,9 @@
 //! `allocator`: the LCA allocator. Starts instances of registered services on this
-//! machine when peers ask (process driver: the executable plus a sidecar `proxy`),
-//! culls idle ones, serves Prometheus metrics (default :9101).
+//! machine when peers ask (process driver: the executable plus a sidecar `proxy`;
+//! docker driver: a container of the image), culls idle ones, serves Prometheus
+//! metrics (default :9101). What it offers instances is this machine's cores and memory.
 
-use crate::cli::{default_listen, AllocatorCli};
+use crate::cli::{default_listen, AllocatorCli, DriverKind};
 use crate::conf::{self, ConfSource};
 use crate::daemon::{self, KeyDefault};
 use crate::daemons::Launcher;
@@ -10,14 +11,20 @@ use anyhow::{bail, Context, Result};
 use physarum_core::config::AllocatorConfig;
 use physarum_core::trust::Issuer;
 use physarum_core::types::PeerId;
+use physarum_net_real::driver::instance::{host_capacity, InstanceContext};
 use physarum_net_real::driver::process::RunAs;
-use physarum_net_real::driver::{ProcessDriver, ProcessDriverConfig};
+use physarum_net_real::driver::{
+    leftovers, AnyDriver, DockerDriver, DockerDriverConfig, ProcessDriver, ProcessDriverConfig,
+};
 use physarum_net_real::keyfile;
 use physarum_net_real::metrics::{Metrics, MetricsObserver};
 use physarum_net_real::NodeOptions;
 use physarum_runtime::RuntimeConfig;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Per-run instance directories (without `--instance-dir`) are named this plus the pid.
+const TEMPORARY_PREFIX: &str = "physarum-allocator-";
 
 /// Run the allocator until SIGINT/SIGTERM; `launcher` says how to start the sidecar proxy.
 pub async fn run(cli: AllocatorCli, launcher: Launcher) -> Result<()> {
@@ -56,7 +63,12 @@ pub async fn run(cli: AllocatorCli, launcher: Launcher) -> Result<()> {
     };
     let (instance_dir, temporary) = match &cli.instance_dir {
         Some(d) => (d.clone(), false),
-        None => (std::env::temp_dir().join(format!("physarum-allocator-{}", std::process::id())), true),
+        None => {
+            for dir in leftovers::reclaim_abandoned(&std::env::temp_dir(), TEMPORARY_PREFIX) {
+                tracing::info!("Removed {}, left by an allocator that is gone", dir.display());
+            }
+            (std::env::temp_dir().join(format!("{TEMPORARY_PREFIX}{}", std::process::id())), true)
+        }
     };
     // Instances run in their own directories: hand them an absolute config path.
     let config_file = match &prepared.conf_source {
@@ -77,23 +89,60 @@ pub async fn run(cli: AllocatorCli, launcher: Launcher) -> Result<()> {
     let reachable: Vec<_> = own.iter().filter(|a| a.to_string().contains(&format!("/{ip}/"))).cloned().collect();
     boots.extend(if reachable.is_empty() { own } else { reachable }.iter().map(|a| a.to_string()));
 
-    let mut dcfg = ProcessDriverConfig::new(proxy_program, instance_dir.clone());
-    dcfg.proxy_args = proxy_args;
-    dcfg.host_ip = cli.instance_ip;
-    dcfg.bootstraps = boots;
-    dcfg.psk = prepared.psk.clone();
-    dcfg.config_file = config_file;
-    dcfg.ready_timeout = Duration::from_secs(cli.start_timeout.max(1));
-    dcfg.exec_roots = exec_roots.clone();
-    dcfg.run_as = run_as.clone();
-    dcfg.operators = prepared.operators.keys().iter().map(|k| k.to_string()).collect();
-    let driver = ProcessDriver::new(dcfg).map_err(anyhow::Error::msg)?;
-    if run_as.is_some() {
-        // The unprivileged instances must be able to reach their own directories.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&instance_dir, std::fs::Permissions::from_mode(0o755))
-            .with_context(|| format!("cannot open up {}", instance_dir.display()))?;
-    }
+    let ready_timeout = Duration::from_secs(cli.start_timeout.max(1));
+    let operators: Vec<String> = prepared.operators.keys().iter().map(|k| k.to_string()).collect();
+    let driver = match cli.driver {
+        DriverKind::Process => {
+            let mut dcfg = ProcessDriverConfig::new(proxy_program, instance_dir.clone());
+            dcfg.proxy_args = proxy_args;
+            dcfg.host_ip = cli.instance_ip;
+            dcfg.bootstraps = boots;
+            dcfg.psk = prepared.psk.clone();
+            dcfg.config_file = config_file;
+            dcfg.ready_timeout = ready_timeout;
+            dcfg.exec_roots = exec_roots.clone();
+            dcfg.run_as = run_as.clone();
+            dcfg.operators = operators;
+            let driver = ProcessDriver::new(dcfg).map_err(anyhow::Error::msg)?;
+            // Instances of an earlier run that ended without stopping them (SIGKILL, crash).
+            let reclaimed = leftovers::reclaim(&instance_dir).map_err(anyhow::Error::msg)?;
+            if !reclaimed.dirs.is_empty() {
+                tracing::info!(
+                    "Removed {} instance directories left by an earlier run (stopped {} of their processes)",
+                    reclaimed.dirs.len(),
+                    reclaimed.killed.len()
+                );
+            }
+            if run_as.is_some() {
+                // The unprivileged instances must be able to reach their own directories.
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&instance_dir, std::fs::Permissions::from_mode(0o755))
+                    .with_context(|| format!("cannot open up {}", instance_dir.display()))?;
+            }
+            tracing::info!(
+                "Instances run from {} with the sidecar proxy {}",
+                instance_dir.display(),
+                driver.config().proxy_program.display()
+            );
+            AnyDriver::Process(driver)
+        }
+        DriverKind::Docker => {
+            let ctx =
+                InstanceContext { host_ip: cli.instance_ip, bootstraps: boots, psk: prepared.psk.clone(), operators };
+            let mut dcfg = DockerDriverConfig::new(instance_dir.clone(), ctx, p2p.peer_id().to_string());
+            dcfg.config_file = config_file;
+            dcfg.ready_timeout = ready_timeout;
+            let driver = DockerDriver::connect(dcfg).await.map_err(anyhow::Error::msg)?;
+            let removed = driver.remove_leftovers().await.map_err(anyhow::Error::msg)?;
+            if removed > 0 {
+                tracing::info!("Removed {removed} containers an earlier run of this allocator left behind");
+            }
+            tracing::info!("Instances run as Docker containers (host networking)");
+            AnyDriver::Docker(driver)
+        }
+    };
+    let (cpu_millis, memory_mb) = host_capacity();
+    tracing::info!("Offering instances {cpu_millis} millicores and {memory_mb} MiB");
 
     let mut node = prepared.node_config(&p2p.peer_id());
     node.trust.issuer = Some(issuer);
@@ -104,15 +153,12 @@ pub async fn run(cli: AllocatorCli, launcher: Launcher) -> Result<()> {
         // The driver gives up first and says why.
         start_timeout: Duration::from_secs(cli.start_timeout.max(1) + 5),
         exec_roots: exec_roots.iter().map(|r| r.display().to_string()).collect(),
+        cpu_millis,
+        memory_mb,
         ..AllocatorConfig::default()
     });
     let metrics = Arc::new(Metrics::new());
     let opts = NodeOptions { node, seed: daemon::seed(), runtime: RuntimeConfig::default(), http: None, app: None };
-    tracing::info!(
-        "Instances run from {} with the sidecar proxy {}",
-        instance_dir.display(),
-        driver.config().proxy_program.display()
-    );
     let observer = MetricsObserver(metrics.clone());
     let result = daemon::run(p2p, inbound, opts, driver.clone(), observer, metrics, Some(metrics_addr), |_| {}).await;
     let running = driver.running();
@@ -120,6 +166,7 @@ pub async fn run(cli: AllocatorCli, launcher: Launcher) -> Result<()> {
         tracing::info!("Stopping {} instances", running.len());
     }
     driver.shutdown().await;
+    leftovers::release(&instance_dir);
     if temporary {
         let _ = std::fs::remove_dir_all(&instance_dir);
     }

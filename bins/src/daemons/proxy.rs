@@ -33,7 +33,10 @@ pub async fn run(cli: ProxyCli) -> Result<()> {
     let prepared = daemon::prepare(&cli.net, KeyDefault::Ephemeral, &default_listen())?;
     tracing::info!("Setting stream handlers");
     tracing::info!("Creating DHT");
-    let (p2p, inbound) = daemon::start_network(&prepared, prepared.p2p_options()).await?;
+    let mut p2p_options = prepared.p2p_options();
+    // A sidecar's probe answers say whether its application answers (the core decides).
+    p2p_options.pings_to_node = cli.service.is_some();
+    let (p2p, inbound) = daemon::start_network(&prepared, p2p_options).await?;
 
     let mut node = prepared.node_config(&p2p.peer_id());
     if let Some(path) = &cli.operator_key {

@@ -3,6 +3,8 @@
 //! (guards kill on drop), speak plain HTTP/1.1.
 #![allow(dead_code)]
 
+pub mod docker;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -514,7 +516,30 @@ impl Cluster {
     }
 
     pub fn start_allocator(&mut self) {
+        self.start_allocator_with(&[]);
+    }
+
+    /// Start an allocator with extra flags (`--idle-limit`, `--cull-interval`, `--driver`, …).
+    pub fn start_allocator_with(&mut self, extra: &[&str]) {
         let i = self.allocators.len();
+        let daemon = self.spawn_allocator(i, extra);
+        self.allocators.push(daemon);
+        self.wait_daemon_up(&format!("allocator{i}"));
+    }
+
+    /// Start allocator `i` again (same key and instance directory) once it has exited.
+    pub fn restart_allocator(&mut self, i: usize, extra: &[&str]) {
+        let daemon = self.spawn_allocator(i, extra);
+        drop(std::mem::replace(&mut self.allocators[i], daemon));
+        self.wait_daemon_up(&format!("allocator{i}"));
+    }
+
+    /// Allocator `i`'s instance directory.
+    pub fn instance_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("allocator{i}-instances"))
+    }
+
+    fn spawn_allocator(&self, i: usize, extra: &[&str]) -> Daemon {
         let name = format!("allocator{i}");
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut cmd = command("allocator", self.dir.path());
@@ -522,9 +547,12 @@ impl Cluster {
         let grant = self.grant(&name);
         cmd.arg("--grant").arg(grant).arg("--exec-root").arg(self.dir.path());
         cmd.arg("--metrics").arg(metrics.to_string());
-        cmd.arg("--instance-dir").arg(self.dir.path().join(format!("{name}-instances")));
-        self.allocators.push(Daemon { proc: Proc::spawn(&name, cmd, self.dir.path()), metrics });
-        self.wait_daemon_up(&name);
+        cmd.arg("--instance-dir").arg(self.instance_dir(i));
+        cmd.args(extra);
+        let log_name = if self.allocators.len() > i { format!("{name}-restarted") } else { name.clone() };
+        let mut proc = Proc::spawn(&log_name, cmd, self.dir.path());
+        proc.name = name;
+        Daemon { proc, metrics }
     }
 
     /// Make the identity of the daemon `name` now and grant it, as an operator would.

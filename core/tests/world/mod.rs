@@ -43,6 +43,7 @@ pub fn service(name: &str, soft_ms: u64, hard_ms: u64) -> ServiceInfo {
         cpu_millis: 100,
         memory_mb: 32,
         stateful: false,
+        client_mode: false,
     }
 }
 
@@ -138,12 +139,25 @@ impl World {
 
     /// Send a client request now; it must be answered within `within`.
     pub fn request(&mut self, svc: &str, within: Duration) -> ReqId {
+        self.ask(svc, within, false)
+    }
+
+    /// Route a request again after a failed try (as the front end does), within `within`.
+    pub fn retry(&mut self, svc: &str, within: Duration) -> ReqId {
+        self.ask(svc, within, true)
+    }
+
+    fn ask(&mut self, svc: &str, within: Duration, retry: bool) -> ReqId {
         self.next_req += 1;
         let req = ReqId(self.next_req);
         let deadline = self.now + within;
         self.deadlines.insert(req, deadline);
         self.asked.insert(req, svc.into());
-        self.input(Input::HttpRequest { req, service: svc.into(), deadline });
+        let service = svc.to_string();
+        self.input(match retry {
+            false => Input::HttpRequest { req, service, deadline },
+            true => Input::HttpRetry { req, service, deadline },
+        });
         req
     }
 

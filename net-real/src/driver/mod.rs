@@ -1,11 +1,59 @@
-//! Instance drivers: how an allocator runs instances. [`process`] runs a registered
-//! executable plus a sidecar proxy as child processes (the embedded default); a
-//! Docker driver plugs in behind the same `physarum_runtime::transport::InstanceDriver`
-//! trait.
+//! Instance drivers: how an allocator runs instances, behind the
+//! `physarum_runtime::transport::InstanceDriver` trait. [`process`] runs a registered
+//! executable plus a sidecar proxy as child processes (the default); [`docker`] runs a
+//! registered image as a container. What both hand an instance is [`instance`].
 
+pub mod docker;
+pub mod instance;
+pub mod leftovers;
 pub mod process;
 
+pub use docker::{DockerDriver, DockerDriverConfig};
 pub use process::{ProcessDriver, ProcessDriverConfig};
+
+use physarum_core::types::{InstanceId, PeerAddr, ServiceInfo};
+use physarum_runtime::transport::{ExitSink, InstanceDriver};
+
+/// The driver an allocator was started with (`--driver`).
+#[derive(Clone, Debug)]
+pub enum AnyDriver {
+    Process(ProcessDriver),
+    Docker(DockerDriver),
+}
+
+impl AnyDriver {
+    /// Instances currently tracked (starting or running).
+    pub fn running(&self) -> Vec<InstanceId> {
+        match self {
+            AnyDriver::Process(d) => d.running(),
+            AnyDriver::Docker(d) => d.running(),
+        }
+    }
+
+    /// Stop every instance.
+    pub async fn shutdown(&self) {
+        match self {
+            AnyDriver::Process(d) => d.shutdown().await,
+            AnyDriver::Docker(d) => d.shutdown().await,
+        }
+    }
+}
+
+impl InstanceDriver for AnyDriver {
+    async fn start(&self, instance: InstanceId, service: ServiceInfo, exits: ExitSink) -> Result<PeerAddr, String> {
+        match self {
+            AnyDriver::Process(d) => d.start(instance, service, exits).await,
+            AnyDriver::Docker(d) => d.start(instance, service, exits).await,
+        }
+    }
+
+    async fn stop(&self, instance: InstanceId) {
+        match self {
+            AnyDriver::Process(d) => d.stop(instance).await,
+            AnyDriver::Docker(d) => d.stop(instance).await,
+        }
+    }
+}
 
 use sha3::{Digest, Sha3_256};
 use std::path::Path;

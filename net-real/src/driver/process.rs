@@ -21,14 +21,14 @@
 //!    the runtime's `ExitSink`, and stops every instance when the allocator stops
 //!    ([`ProcessDriver::shutdown`], or drop, or `PR_SET_PDEATHSIG` when killed).
 
+use super::instance::{fresh_dir, InstanceContext, InstancePlan, IDENTITY_KEY};
 use super::{die_with_parent, hash_file};
-use crate::keyfile;
 use physarum_core::trust::program_within;
 use physarum_core::types::{content_hash, InstanceId, PeerAddr, RunSpec, ServiceInfo};
 use physarum_runtime::transport::{ExitSink, InstanceDriver};
 use std::collections::HashMap;
 use std::fs;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,6 +58,9 @@ pub struct ProcessDriverConfig {
     pub ready_timeout: Duration,
     /// SIGTERM → SIGKILL grace when stopping.
     pub stop_grace: Duration,
+    /// SIGTERM → SIGKILL grace of a sidecar asked to stop: it drains its requests in
+    /// flight first (for up to the proxy's `DRAIN_LIMIT`, 10 s).
+    pub drain_grace: Duration,
     /// Refuse executables whose SHA3-256 differs from the registered hash.
     pub verify_hash: bool,
     /// Keep instance directories (logs) after an instance ends.
@@ -91,6 +94,16 @@ impl RunAs {
 }
 
 impl ProcessDriverConfig {
+    /// What every instance is handed.
+    pub fn instance_context(&self) -> InstanceContext {
+        InstanceContext {
+            host_ip: self.host_ip,
+            bootstraps: self.bootstraps.clone(),
+            psk: self.psk.clone(),
+            operators: self.operators.clone(),
+        }
+    }
+
     pub fn new(proxy_program: PathBuf, work_dir: PathBuf) -> Self {
         ProcessDriverConfig {
             proxy_program,
@@ -102,6 +115,7 @@ impl ProcessDriverConfig {
             config_file: None,
             ready_timeout: Duration::from_secs(20),
             stop_grace: Duration::from_secs(3),
+            drain_grace: Duration::from_secs(12),
             verify_hash: true,
             keep_dirs: false,
             exec_roots: Vec::new(),
@@ -280,65 +294,39 @@ impl ProcessDriver {
             return Err(format!("instance {instance} is already running"));
         }
 
-        let dir = cfg.work_dir.join(format!("instance-{instance}"));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let setup = (|| {
-            let key = keyfile::generate_to(&dir.join("identity.key")).map_err(|e| e.to_string())?;
+        let ctx = cfg.instance_context();
+        let dir = fresh_dir(&cfg.work_dir, &format!("instance-{instance}"))?;
+        let prepared = InstancePlan::prepare(&dir, &ctx, &service).and_then(|plan| {
             if let Some(user) = &cfg.run_as {
-                for path in [dir.clone(), dir.join("identity.key")] {
+                for path in [dir.clone(), dir.join(IDENTITY_KEY)] {
                     std::os::unix::fs::chown(&path, Some(user.uid), Some(user.gid))
                         .map_err(|e| format!("cannot hand {} to user {}: {e}", path.display(), user.name))?;
                 }
             }
-            let ports = free_ports(cfg.host_ip, 4).map_err(|e| format!("cannot pick ports: {e}"))?;
-            Ok::<_, String>((keyfile::peer_id_string(&key), ports))
-        })();
-        let (peer, ports) = match setup {
-            Ok(v) => v,
+            Ok(plan)
+        });
+        let plan = match prepared {
+            Ok(plan) => plan,
             Err(e) => {
                 self.remove_dir(&dir);
                 return Err(e);
             }
         };
-        let [proxy_port, service_port, metrics_port, p2p_port] = [ports[0], ports[1], ports[2], ports[3]];
-        let ip = cfg.host_ip;
-        let p2p_addr = multiaddr(ip, p2p_port);
-        let env: Vec<(&str, String)> = vec![
-            ("PROXY_IP", ip.to_string()),
-            ("PROXY_PORT", proxy_port.to_string()),
-            ("SERVICE_PORT", service_port.to_string()),
-            ("METRICS_PORT", metrics_port.to_string()),
-            ("P2P_BOOTSTRAPS", cfg.bootstraps.join(" ")),
-        ];
+        let (peer, p2p_addr) = (plan.peer.clone(), plan.p2p_addr());
+        let (proxy_port, service_port, metrics_port) = (plan.proxy_port, plan.service_port, plan.metrics_port);
+        let env = plan.env(&ctx);
 
         let mut app = Command::new(&program);
         app.args(&args).envs(app_env.iter().map(|(k, v)| (k, v))).current_dir(&dir);
         let mut proxy = Command::new(&cfg.proxy_program);
-        proxy
-            .args(&cfg.proxy_args)
-            .current_dir(&dir)
-            .arg("--key")
-            .arg(dir.join("identity.key"))
-            .arg("--listen")
-            .arg(&p2p_addr);
-        for b in &cfg.bootstraps {
-            proxy.arg("--bootstrap").arg(b);
-        }
-        for op in &cfg.operators {
-            proxy.arg("--operator").arg(op);
-        }
-        if let Some(conf) = &cfg.config_file {
-            proxy.arg("--configfile").arg(conf);
-        }
-        proxy.arg(proxy_port.to_string()).arg(&service.name).arg(format!("127.0.0.1:{service_port}"));
-        proxy.arg(metrics_port.to_string());
+        proxy.args(&cfg.proxy_args).current_dir(&dir).args(plan.sidecar_args(
+            &ctx,
+            &service,
+            &dir.join(IDENTITY_KEY),
+            cfg.config_file.as_deref(),
+        ));
         for (cmd, log) in [(&mut app, "app.log"), (&mut proxy, "proxy.log")] {
-            cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
-            match &cfg.psk {
-                Some(psk) => cmd.env("P2P_PSK", psk),
-                None => cmd.env_remove("P2P_PSK"),
-            };
+            cmd.env_remove("P2P_PSK").envs(env.iter().map(|(k, v)| (k, v)));
             let out = fs::File::create(dir.join(log)).map_err(|e| format!("cannot create {log}: {e}"))?;
             let err = out.try_clone().map_err(|e| format!("cannot create {log}: {e}"))?;
             cmd.stdin(Stdio::null()).stdout(out).stderr(err).kill_on_drop(true).process_group(0);
@@ -395,9 +383,6 @@ impl ProcessDriver {
 
         // Poll readiness against the deadline, giving up as soon as a process exits.
         let deadline = tokio::time::Instant::now() + cfg.ready_timeout;
-        let service_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), service_port);
-        let p2p_sock = SocketAddr::new(ip, p2p_port);
-        let metrics_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), metrics_port);
         loop {
             let status = status_rx.borrow_and_update().clone();
             match status {
@@ -409,7 +394,7 @@ impl ProcessDriver {
                 Status::Stopped => return Err(format!("instance of {} was stopped while starting", service.name)),
                 Status::Running => {}
             }
-            if is_ready(service_addr, p2p_sock, metrics_addr).await {
+            if plan.is_ready().await {
                 up.store(true, Ordering::SeqCst);
                 // An exit between the check and `up` would otherwise go unreported.
                 if let Status::Exited(reason) = status_rx.borrow().clone() {
@@ -493,7 +478,15 @@ async fn monitor(mut m: Monitor) {
         r = m.proxy.wait() => Some(format!("the sidecar proxy exited ({})", describe(r))),
         _ = m.stop.wait_for(|stop| *stop) => None,
     };
-    tokio::join!(terminate(&mut m.app, grace), terminate(&mut m.proxy, grace));
+    match exited {
+        Some(_) => drop(tokio::join!(terminate(&mut m.app, grace), terminate(&mut m.proxy, grace))),
+        // Asked to stop: the sidecar drains its requests in flight, then the application goes.
+        None => {
+            let drain = m.shared.upgrade().map(|s| s.config.drain_grace).unwrap_or(grace);
+            terminate(&mut m.proxy, drain).await;
+            terminate(&mut m.app, grace).await;
+        }
+    }
     lock(&m.pids).clear();
     match exited {
         Some(reason) => {
@@ -582,35 +575,10 @@ pub fn resolve_program(program: &str) -> Result<PathBuf, String> {
         .ok_or_else(|| format!("the registered program {program} is neither next to this executable nor on PATH"))
 }
 
-fn multiaddr(ip: IpAddr, port: u16) -> String {
-    match ip {
-        IpAddr::V4(ip) => format!("/ip4/{ip}/tcp/{port}"),
-        IpAddr::V6(ip) => format!("/ip6/{ip}/tcp/{port}"),
-    }
-}
-
-/// `n` distinct ports free on `ip` right now (bound to port 0 and released).
-fn free_ports(ip: IpAddr, n: usize) -> std::io::Result<Vec<u16>> {
-    let listeners =
-        (0..n).map(|_| std::net::TcpListener::bind(SocketAddr::new(ip, 0))).collect::<std::io::Result<Vec<_>>>()?;
-    listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect()
-}
-
-async fn connects(addr: SocketAddr) -> bool {
-    matches!(tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(addr)).await, Ok(Ok(_)))
-}
-
-/// The application accepts connections, the sidecar's P2P port accepts
-/// connections, and its metrics endpoint answers 200.
-async fn is_ready(service: SocketAddr, p2p: SocketAddr, metrics: SocketAddr) -> bool {
-    connects(service).await
-        && connects(p2p).await
-        && crate::metrics::endpoint_answers(metrics, Duration::from_millis(500)).await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keyfile;
     use physarum_core::perf::Requirements;
 
     fn tempdir(tag: &str) -> PathBuf {
@@ -642,6 +610,7 @@ mod tests {
             cpu_millis: 0,
             memory_mb: 0,
             stateful: false,
+            client_mode: false,
         }
     }
 
@@ -811,7 +780,7 @@ s.bind(("127.0.0.1", int(os.environ["SERVICE_PORT"]))); s.listen(); time.sleep(6
 
         // The peer id is the one of the key generated in advance.
         let inst_dir = dir.join("work/instance-1");
-        let key = keyfile::load(&inst_dir.join("identity.key")).unwrap();
+        let key = keyfile::load(&inst_dir.join(IDENTITY_KEY)).unwrap();
         assert_eq!(addr.peer.0, keyfile::peer_id_string(&key));
         assert_eq!(addr.addrs.len(), 1);
         assert!(addr.addrs[0].starts_with("/ip4/127.0.0.1/tcp/"), "{:?}", addr.addrs);
@@ -891,6 +860,51 @@ s.bind(("127.0.0.1", int(os.environ["SERVICE_PORT"]))); s.listen(); time.sleep(6
         }
         d.shutdown().await;
         assert!(!RunAs::lookup("no-such-user-here").unwrap_err().is_empty());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_client_mode_instance_runs_an_anonymous_sidecar_and_need_not_listen() {
+        if !has_python() {
+            eprintln!("skipped: python3 is not available for the fake sidecar");
+            return;
+        }
+        let dir = tempdir("client");
+        // A fake sidecar: P2P port from --listen, metrics from --metrics (anonymous
+        // mode) or the last argument (service mode).
+        let proxy = script(
+            &dir,
+            "proxy",
+            r#"echo "$@" > args.txt
+exec python3 - "$@" <<'EOF'
+import socket, sys, http.server
+args = sys.argv[1:]
+listen = args[args.index("--listen") + 1].split("/")
+p2p = socket.socket(); p2p.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+p2p.bind((listen[2], int(listen[4]))); p2p.listen()
+host, port = args[args.index("--metrics") + 1].split(":") if "--metrics" in args else ("127.0.0.1", args[-1])
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+    def log_message(self, *a): pass
+http.server.HTTPServer((host, int(port)), H).serve_forever()
+EOF"#,
+        );
+        let mut cfg = ProcessDriverConfig::new(proxy, dir.join("work"));
+        cfg.ready_timeout = Duration::from_secs(3);
+        let d = ProcessDriver::new(cfg).unwrap();
+        // The application only makes requests: it never listens on SERVICE_PORT.
+        let mut svc = service(&script(&dir, "app", "exec sleep 60"), &[]);
+        svc.client_mode = true;
+        let (exits, _rx) = ExitSink::channel();
+        d.start(InstanceId(1), svc.clone(), exits.clone()).await.unwrap();
+        let args = fs::read_to_string(dir.join("work/instance-1/args.txt")).unwrap();
+        assert!(args.contains("--metrics 127.0.0.1:") && !args.contains(" svc "), "{args}");
+        d.shutdown().await;
+        // The same application as a service is never reachable.
+        svc.client_mode = false;
+        let err = d.start(InstanceId(2), svc, exits).await.unwrap_err();
+        assert!(err.contains("not reachable within"), "{err}");
         fs::remove_dir_all(&dir).unwrap();
     }
 
