@@ -171,6 +171,7 @@ fn service_info(name: &str, soft_ms: u64, hard_ms: u64) -> ServiceInfo {
         cpu_millis: 100,
         memory_mb: 32,
         stateful: false,
+        client_mode: false,
     }
 }
 
@@ -350,7 +351,7 @@ impl Driver {
             .responded
             .values()
             .filter_map(|o| match o {
-                Outcome::Route { instance, service } => Some((service.clone(), instance.peer.clone())),
+                Outcome::Route { instance, service, .. } => Some((service.clone(), instance.peer.clone())),
                 Outcome::Fail { .. } => None,
             })
             .collect();
