@@ -171,6 +171,7 @@ fn service_info(name: &str, soft_ms: u64, hard_ms: u64) -> ServiceInfo {
         cpu_millis: 100,
         memory_mb: 32,
         stateful: false,
+        client_mode: false,
     }
 }
 
@@ -323,7 +324,7 @@ impl Driver {
                     self.input(Input::OpDone { op, result });
                 } else {
                     let op = match self.dead_ops.get(pick % self.dead_ops.len().max(1)) {
-                        Some(dead) if pick % 2 == 0 => *dead,
+                        Some(dead) if pick.is_multiple_of(2) => *dead,
                         _ => OpId(u64::MAX - pick as u64),
                     };
                     assert!(!self.seen_ops.contains(&op) || self.dead_ops.contains(&op));
@@ -350,7 +351,7 @@ impl Driver {
             .responded
             .values()
             .filter_map(|o| match o {
-                Outcome::Route { instance, service } => Some((service.clone(), instance.peer.clone())),
+                Outcome::Route { instance, service, .. } => Some((service.clone(), instance.peer.clone())),
                 Outcome::Fail { .. } => None,
             })
             .collect();
