@@ -161,6 +161,8 @@ fn docker_driver_errors_reach_the_client() {
 
     // No engine: the allocator says so and exits.
     let mut cmd = command("allocator", c.dir.path());
+    cmd.arg("--grant").arg(c.grant("no-engine")).arg("--key").arg(c.dir.path().join("no-engine.key"));
+    cmd.arg("--configfile").arg(&c.conf);
     cmd.args(["--driver", "docker", "--bootstrap", &c.bootstrap_addr, "--metrics", "127.0.0.1:0"])
         .env("DOCKER_HOST", format!("unix://{}/no-docker.sock", c.dir.path().display()));
     let (ok, out, err) = run_bounded(cmd, Duration::from_secs(30));

@@ -214,12 +214,12 @@ mod tests {
         let args = plan(false).sidecar_args(&ctx(), &service(false), Path::new("/k"), Some(Path::new("/c.json")));
         assert_eq!(
             args.join(" "),
-            "--key /k --listen /ip4/10.0.0.2/tcp/4 --bootstrap /b1 --bootstrap /b2 --configfile /c.json 1 svc 127.0.0.1:2 3"
+            "--key /k --listen /ip4/10.0.0.2/tcp/4 --bootstrap /b1 --bootstrap /b2 --operator ab --configfile /c.json 1 svc 127.0.0.1:2 3"
         );
         let args = plan(true).sidecar_args(&ctx(), &service(true), Path::new("/k"), None);
         assert_eq!(
             args.join(" "),
-            "--key /k --listen /ip4/10.0.0.2/tcp/4 --bootstrap /b1 --bootstrap /b2 --metrics 127.0.0.1:3 1"
+            "--key /k --listen /ip4/10.0.0.2/tcp/4 --bootstrap /b1 --bootstrap /b2 --operator ab --metrics 127.0.0.1:3 1"
         );
     }
 

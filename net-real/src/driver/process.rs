@@ -892,6 +892,7 @@ EOF"#,
         );
         let mut cfg = ProcessDriverConfig::new(proxy, dir.join("work"));
         cfg.ready_timeout = Duration::from_secs(3);
+        cfg.exec_roots = vec![fs::canonicalize(&dir).unwrap()];
         let d = ProcessDriver::new(cfg).unwrap();
         // The application only makes requests: it never listens on SERVICE_PORT.
         let mut svc = service(&script(&dir, "app", "exec sleep 60"), &[]);
