@@ -294,10 +294,11 @@ fn partitions_pauses_and_losses_are_survived() {
     assert!(reached.is_none(), "the cut-off allocator answers: {reached:?}");
 
     // The allocator running the replacement hangs (paused). Failing a hung
-    // instance over does not hold reliably today (in some runs the client is
-    // served by a new instance after ~35 s, in others not within a minute), so
-    // what happens is printed; what must hold is that the cluster serves again
-    // once the host resumes, below.
+    // instance over does not hold reliably yet: in most runs the per-try timeout
+    // ejects it and a new instance serves within ~14 s; in others the client's
+    // DHT lookups for allocators come back empty for over a minute while a paused
+    // peer holds records. So what happens is printed; what must hold is that the
+    // cluster serves again once the host resumes, below.
     mh.docker(&["pause"], second);
     let third_choice: Vec<u8> = rest.iter().copied().filter(|a| *a != second).collect();
     let t_pause = Instant::now();
