@@ -215,10 +215,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
     };
     let operator = match key_path.exists() {
         true => crate::keys::load_operator_key(&key_path)?,
-        false => {
-            crate::keys::keygen(&key_path)?;
-            crate::keys::load_operator_key(&key_path)?
-        }
+        false => crate::keys::keygen(&key_path)?,
     };
     let image = match args.driver {
         DriverKind::Docker => {

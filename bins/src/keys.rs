@@ -4,15 +4,15 @@
 //! grant is the JSON of a [`Grant`].
 
 use anyhow::{bail, Context, Result};
-use physarum_core::trust::{Grant, Operators, PublicKey, SecretKey};
+use physarum_core::trust::{Grant, Operators, SecretKey};
 use physarum_core::types::PeerId;
 use physarum_net_real::keyfile;
 use std::path::Path;
 
-/// `physarum keygen --out FILE`: a new operator key; returns its public key.
-pub fn keygen(out: &Path) -> Result<PublicKey> {
+/// `physarum keygen --out FILE`: a new operator key, written to `out`.
+pub fn keygen(out: &Path) -> Result<SecretKey> {
     let key = keyfile::generate_to(out).with_context(|| format!("cannot create the operator key {}", out.display()))?;
-    Ok(keyfile::signing_key(&key).map_err(anyhow::Error::msg)?.public())
+    keyfile::signing_key(&key).map_err(anyhow::Error::msg)
 }
 
 /// An operator key file's signing key.
@@ -58,7 +58,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("physarum-keys-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let op_path = dir.join("operator.key");
-        let public = keygen(&op_path).unwrap();
+        let public = keygen(&op_path).unwrap().public();
         assert_eq!(load_operator_key(&op_path).unwrap().public(), public);
         assert!(keygen(&op_path).is_err(), "an existing key is never overwritten");
 

@@ -47,7 +47,7 @@ fn main() -> ExitCode {
             physarum::logging::init_with_default("warn");
             physarum::daemon::block_on("physarum keygen", async move {
                 let key = match (out, public) {
-                    (Some(out), _) => physarum::keys::keygen(&out)?,
+                    (Some(out), _) => physarum::keys::keygen(&out)?.public(),
                     (None, Some(path)) => physarum::keys::load_operator_key(&path)?.public(),
                     (None, None) => anyhow::bail!("pass --out FILE or --public FILE"),
                 };

@@ -82,7 +82,7 @@ impl MultiHost {
         guard.networks.push(run.clone());
         let dir = TempDir::new(&format!("mh-{tag}"));
         // The operator every host trusts; it signs the entry and grants the allocators.
-        let operator = physarum::keys::keygen(&dir.path().join("operator.key")).unwrap();
+        let operator = physarum::keys::keygen(&dir.path().join("operator.key")).unwrap().public();
         std::fs::write(
             dir.path().join("conf.json"),
             format!(

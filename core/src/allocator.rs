@@ -408,8 +408,7 @@ impl Allocator {
 
     /// Credentials for `instance` as `peer`, valid for the configured lifetime from `now`.
     fn credentials(&self, now: Instant, peer: &PeerAddr, info: &ServiceInfo) -> Option<Credentials> {
-        let not_after = self.trust.unix_secs(now).saturating_add(self.trust.cert_lifetime.as_secs());
-        Some(self.trust.issuer.as_ref()?.issue(peer.peer.clone(), info.hash.clone(), not_after))
+        self.trust.issue(now, peer.peer.clone(), info.hash.clone())
     }
 
     /// Send `instance` an idle query carrying fresh credentials.

@@ -234,12 +234,10 @@ impl Node {
         if self.allocator.is_some() {
             return;
         }
-        let (Some(issuer), Some(hash)) = (&self.trust.issuer, self.manager.served_hash()) else { return };
-        let lifetime = self.trust.cert_lifetime;
-        let not_after = self.trust.unix_secs(now).saturating_add(lifetime.as_secs());
-        let credentials = issuer.issue(self.local.clone(), hash.clone(), not_after);
+        let Some(hash) = self.manager.served_hash().cloned() else { return };
+        let Some(credentials) = self.trust.issue(now, self.local.clone(), hash) else { return };
         self.out.push_back(Output::ServeCredentials { credentials });
-        self.next_self_certify = Some(now + (lifetime / 2).max(Duration::from_secs(1)));
+        self.next_self_certify = Some(now + (self.trust.cert_lifetime / 2).max(Duration::from_secs(1)));
     }
 
     // ---- operations ------------------------------------------------------

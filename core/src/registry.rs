@@ -101,7 +101,7 @@ impl Registry {
         let mut entries = Vec::new();
         let mut bytes = 0;
         let mut next = None;
-        for (name, entry) in self.entries.range((start, Bound::Unbounded)) {
+        for entry in self.entries.range((start, Bound::Unbounded)).map(|(_, e)| e) {
             if entry.info.is_none() {
                 continue;
             }
@@ -112,7 +112,6 @@ impl Registry {
             }
             bytes += size;
             entries.push(entry.clone());
-            let _ = name;
         }
         Response::Entries { entries, next }
     }

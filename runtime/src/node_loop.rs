@@ -31,6 +31,11 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 
+/// The core's `Instant` for a node loop that started at `start` (its `Instant::ZERO`).
+pub(crate) fn core_now(start: tokio::time::Instant) -> Instant {
+    Instant::from_micros(u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX))
+}
+
 /// Knobs of the shared runtime (not of the core).
 #[derive(Clone, Debug)]
 pub struct RuntimeConfig {
@@ -389,7 +394,7 @@ struct LoopState<T: Transport, D: InstanceDriver> {
 
 impl<T: Transport, D: InstanceDriver> LoopState<T, D> {
     fn now(&self) -> Instant {
-        Instant::from_micros(u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX))
+        core_now(self.start)
     }
 
     fn to_tokio(&self, at: Instant) -> tokio::time::Instant {

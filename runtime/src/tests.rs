@@ -682,3 +682,24 @@ fn instances_without_valid_credentials_never_see_a_request_byte() {
         assert!(h.route_failures.borrow().is_empty());
     });
 }
+
+/// What the client's check of a new tunnel's credentials costs (two signature checks):
+/// `cargo test --release -p physarum-runtime --lib measure_chain_verification -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn measure_chain_verification() {
+    use physarum_core::trust::Grant;
+    let alloc_key = SecretKey::from_bytes([7; 32]);
+    let grant = Grant::sign(PeerId("alloc".into()), alloc_key.public(), &operator());
+    let creds = Issuer::allocator(alloc_key, grant).unwrap().issue(PeerId("i".into()), ContentHash("h".into()), 9);
+    let ops = trust().operators;
+    let n = 2000;
+    let mut took = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t0 = std::time::Instant::now();
+        assert!(ops.verify_credentials(&creds, &PeerId("i".into()), &ContentHash("h".into()), 0).is_ok());
+        took.push(t0.elapsed());
+    }
+    took.sort();
+    println!("chain verification: p50 {:?}, p99 {:?} ({n} runs)", took[n / 2], took[n * 99 / 100]);
+}

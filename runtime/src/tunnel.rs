@@ -22,13 +22,12 @@
 use crate::http::{
     read_frame, strip_for_forwarding, strip_hop_by_hop, text_response, write_frame, ProxyBody, RequestBody,
 };
-use crate::node_loop::{NodeHandle, RuntimeConfig};
+use crate::node_loop::{core_now, NodeHandle, RuntimeConfig};
 use crate::transport::{ByteStream, Connector, InboundTunnel, Transport};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self as client1, SendRequest};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use physarum_core::time::Instant;
 use physarum_core::trust::{Credentials, TrustConfig};
 use physarum_core::types::{ContentHash, PeerAddr, PeerId};
 use physarum_core::wire::{TunnelAck, TunnelHello};
@@ -95,8 +94,7 @@ impl<T: Transport> TunnelPool<T> {
                 return Err(OpenFailure::Unreachable(format!("tunnel rejected: {reason}")))
             }
         };
-        let now = Instant::from_micros(u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX));
-        let unix = self.trust.unix_secs(now);
+        let unix = self.trust.unix_secs(core_now(self.start));
         self.trust
             .operators
             .verify_credentials(&credentials, peer, hash, unix)

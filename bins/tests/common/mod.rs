@@ -408,7 +408,7 @@ impl Cluster {
         let dir = TempDir::new(tag);
         let conf = dir.path().join("conf.json");
         let operator_key = dir.path().join("operator.key");
-        let operator = physarum::keys::keygen(&operator_key).unwrap();
+        let operator = physarum::keys::keygen(&operator_key).unwrap().public();
         let text = format!(
             r#"{{"Perf": {{"SoftReq": {{"RTT": 100}}, "HardReq": {{"RTT": 1000}}}}, "Bootstraps": [], "Operators": ["{operator}"]}}"#
         );
