@@ -140,6 +140,14 @@ pub struct ManagerConfig {
     pub find_timeout: Duration,
     /// How long one allocator may take to answer a start request.
     pub allocate_timeout: Duration,
+    /// A start request or discovery probe with no answer yet is sent again after this
+    /// long, then after twice as long, and so on, within its deadline: a datagram lost
+    /// on the way costs this much, not the whole deadline. Both are idempotent (an
+    /// allocator joins a repeated request to the start already under way).
+    pub control_retry: Duration,
+    /// A candidate measured longer ago than this is probed again before it is chosen,
+    /// so that no choice rests on a link as it was seconds before.
+    pub fresh_measurement: Duration,
     /// How long a registry query may take.
     pub registry_timeout: Duration,
     /// After an allocation whose instance cannot be reached directly: re-find
@@ -164,6 +172,8 @@ impl Default for ManagerConfig {
             probe_budget: Duration::from_secs(1),
             find_timeout: Duration::from_secs(2),
             allocate_timeout: Duration::from_secs(10),
+            control_retry: Duration::from_millis(300),
+            fresh_measurement: Duration::from_millis(100),
             registry_timeout: Duration::from_secs(2),
             refind_initial: Duration::from_millis(200),
             refind_max: Duration::from_secs(1),
@@ -176,13 +186,31 @@ impl Default for ManagerConfig {
     }
 }
 
-/// The three-level peer cache; defaults are the original's constants.
+/// The three-level peer cache. The defaults are the original's constants except in
+/// two rules (see [`PeerCacheConfig::original`] for the original's own):
+/// - one lost probe does not evict a peer: on a lossy link (1 % of datagrams lost) the
+///   original's rule throws away a good instance every 100 s or so and makes every
+///   client rediscover it, while a peer that is really gone is still evicted one
+///   probe interval later;
+/// - an answer over the soft limit costs no reliability: soft violations are judged by
+///   the grace alone ([`ManagerConfig::soft_grace`]). With the original's −10 per soft
+///   answer the entry is flushed as unreliable after about 5 s, before a 10 s grace can
+///   act. Reliability tracks liveness and loss instead: each lost probe costs
+///   `loss_penalty`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerCacheConfig {
     pub probe_interval: Duration,
     pub initial_reliability: u8,
+    /// Added for every probe answered within the hard limit (and not over soft, if
+    /// `soft_penalty` is set).
     pub reward: u8,
-    pub penalty: u8,
+    /// Taken for every probe answered over the soft limit (0: such an answer counts
+    /// as alive, like any other).
+    pub soft_penalty: u8,
+    /// Taken for every lost probe that does not evict the entry.
+    pub loss_penalty: u8,
+    /// Probes lost in a row that evict an entry (at least 1).
+    pub lost_probes_to_evict: u32,
     /// Level 1 → 0 when r rises above this.
     pub promote_above: u8,
     /// Level 0 → 1 (with r reset) when r falls below this.
@@ -197,11 +225,21 @@ impl Default for PeerCacheConfig {
             probe_interval: Duration::from_secs(1),
             initial_reliability: 50,
             reward: 1,
-            penalty: 10,
+            soft_penalty: 0,
+            loss_penalty: 10,
+            lost_probes_to_evict: 2,
             promote_above: 90,
             demote_below: 90,
             drop_below: 10,
         }
+    }
+}
+
+impl PeerCacheConfig {
+    /// The original's rules: −10 per answer over the soft limit, and a single lost
+    /// probe evicts.
+    pub fn original() -> Self {
+        PeerCacheConfig { soft_penalty: 10, loss_penalty: 0, lost_probes_to_evict: 1, ..PeerCacheConfig::default() }
     }
 }
 

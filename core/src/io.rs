@@ -106,6 +106,9 @@ pub enum Outcome {
 pub enum Event {
     /// A request was routed from the peer cache without discovery.
     CacheHit { service: String, instance: PeerId },
+    /// A discovery chose `instance` (measured at `rtt` just before), or routed the
+    /// requests waiting to it while it looks for a better one.
+    Selected { service: ContentHash, instance: PeerId, rtt: Duration },
     /// A find-or-allocate round ended (successfully or not) after `took`.
     DiscoveryFinished { service: String, took: Duration, allocated: bool, found: bool },
     /// An allocator started an instance for us.

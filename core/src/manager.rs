@@ -32,6 +32,9 @@ pub const UNTRUSTED_FOR: Duration = Duration::from_secs(600);
 const FAILED_TRUST: &str = "failed the trust check";
 /// Service infos of cached services kept before those with no cached instance are dropped.
 const KNOWN_KEEP: usize = 256;
+/// Shortest interval between two copies of a control message (a zero setting would
+/// send copies at one instant forever).
+const MIN_RETRY: Duration = Duration::from_millis(1);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ManagerOutput {
@@ -75,8 +78,33 @@ enum Purpose {
     SeekBetter { current: PeerId, rtt: Duration },
 }
 
-/// A candidate with its measured RTT.
-type Measured = (PeerAddr, Duration);
+/// A candidate with its measured RTT and when it was measured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Measured {
+    peer: PeerAddr,
+    rtt: Duration,
+    at: Instant,
+}
+
+/// What to do with a candidate once a fresh probe confirms it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Then {
+    /// Choose it: cache it and route everyone waiting; the discovery ends.
+    Choose,
+    /// Route everyone waiting to it now, and go on looking for a better one.
+    ServeMeanwhile,
+}
+
+/// A start request to one allocator, sent again while unanswered (see
+/// [`ManagerConfig::control_retry`]); the first answer to any copy counts.
+#[derive(Clone, Debug)]
+struct Asking {
+    /// Copies sent and not yet failed.
+    tokens: std::collections::BTreeSet<u64>,
+    deadline: Instant,
+    retry_at: Instant,
+    retry_delay: Duration,
+}
 
 #[derive(Clone, Debug)]
 enum Phase {
@@ -95,7 +123,13 @@ enum Phase {
     Allocating {
         order: Vec<Measured>,
         next: usize,
+        asking: Asking,
+    },
+    /// Probing `candidate` again, its last measurement being too old to act on.
+    Confirming {
         token: u64,
+        candidate: PeerAddr,
+        then: Then,
     },
     /// Dialling the instance an allocator just started.
     ProbingNew {
@@ -117,12 +151,16 @@ enum Phase {
     },
 }
 
-/// Probes sent to a set of candidates, sharing one deadline.
+/// Probes sent to a set of candidates, sharing one deadline. Candidates that have
+/// not answered are probed again at `retry_at` (a lost probe is not a lost candidate).
 #[derive(Clone, Debug, Default)]
 struct ProbeRound {
+    /// Outstanding probes: token → candidate (a candidate probed twice has two).
     pending: BTreeMap<u64, PeerAddr>,
     answered: Vec<Measured>,
     deadline: Instant,
+    retry_at: Instant,
+    retry_delay: Duration,
 }
 
 impl ProbeRound {
@@ -133,8 +171,14 @@ impl ProbeRound {
     /// Answered candidates sorted by RTT (ties broken by peer id, for determinism).
     fn sorted(&self) -> Vec<Measured> {
         let mut v = self.answered.clone();
-        v.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.peer.cmp(&b.0.peer)));
+        v.sort_by(|a, b| a.rtt.cmp(&b.rtt).then_with(|| a.peer.peer.cmp(&b.peer.peer)));
         v
+    }
+
+    /// Candidates still waited for, once each.
+    fn unanswered(&self) -> Vec<PeerAddr> {
+        let mut seen = std::collections::BTreeSet::new();
+        self.pending.values().filter(|p| seen.insert(p.peer.clone())).cloned().collect()
     }
 }
 
@@ -146,7 +190,8 @@ struct Discovery {
     waiters: Vec<ReqId>,
     attempt: u32,
     started: Instant,
-    /// The best instance found but over the soft limit: kept if no allocator does better.
+    /// The best instance found but over the soft limit: kept if no allocator does better
+    /// (probed again first if its measurement is old).
     fallback: Option<Measured>,
     allocated: bool,
     phase: Phase,
@@ -411,17 +456,37 @@ impl Manager {
 
     /// Probe `peers` (minus ourselves) within the shared budget.
     fn probe_round(&mut self, now: Instant, name: &str, peers: Vec<PeerAddr>, timeout: Duration) -> ProbeRound {
-        let mut round = ProbeRound { deadline: now + timeout, ..ProbeRound::default() };
+        let retry_delay = self.config.control_retry.max(MIN_RETRY);
+        let mut round =
+            ProbeRound { deadline: now + timeout, retry_at: now + retry_delay, retry_delay, ..ProbeRound::default() };
         let mut seen = std::collections::BTreeSet::new();
         for peer in peers {
             if peer.peer == self.local || self.ejected.is_ejected(now, &peer.peer) || !seen.insert(peer.peer.clone()) {
                 continue;
             }
-            let token = self.token();
-            self.ops.insert(token, name.to_string());
-            round.pending.insert(token, peer.clone());
-            self.out.push_back(ManagerOutput::Probe { token, peer, timeout });
+            self.probe_candidate(name, &mut round, peer, timeout);
         }
+        round
+    }
+
+    fn probe_candidate(&mut self, name: &str, round: &mut ProbeRound, peer: PeerAddr, timeout: Duration) {
+        let token = self.token();
+        self.ops.insert(token, name.to_string());
+        round.pending.insert(token, peer.clone());
+        self.out.push_back(ManagerOutput::Probe { token, peer, timeout });
+    }
+
+    /// Probe again, within the round's deadline, the candidates that have not answered.
+    fn retry_round(&mut self, now: Instant, name: &str, mut round: ProbeRound) -> ProbeRound {
+        if now < round.retry_at || round.is_done(now) {
+            return round;
+        }
+        let timeout = round.deadline.saturating_since(now);
+        for peer in round.unanswered() {
+            self.probe_candidate(name, &mut round, peer, timeout);
+        }
+        round.retry_delay = round.retry_delay.saturating_mul(2);
+        round.retry_at = now + round.retry_delay;
         round
     }
 
@@ -457,7 +522,7 @@ impl Manager {
                 self.check_round(now, name);
             }
             (Phase::ProbingInstances(round), r) => {
-                let round = record_probe(round, r);
+                let round = self.retry_round(now, name, record_probe(round, r, now));
                 self.set_phase(name, Phase::ProbingInstances(round));
                 self.check_round(now, name);
             }
@@ -471,12 +536,12 @@ impl Manager {
                 self.check_round(now, name);
             }
             (Phase::ProbingAllocators(round), r) => {
-                let round = record_probe(round, r);
+                let round = self.retry_round(now, name, record_probe(round, r, now));
                 self.set_phase(name, Phase::ProbingAllocators(round));
                 self.check_round(now, name);
             }
-            (Phase::Allocating { order, next, token }, Some((t, result))) if t == token => {
-                let Some(allocator) = next.checked_sub(1).and_then(|i| order.get(i)).map(|a| a.0.peer.clone()) else {
+            (Phase::Allocating { order, next, mut asking }, Some((t, result))) if asking.tokens.contains(&t) => {
+                let Some(allocator) = next.checked_sub(1).and_then(|i| order.get(i)).map(|a| a.peer.clone()) else {
                     // Cannot happen (`next` counts the allocators asked); fail the round rather than stall.
                     return self.attempt_failed(now, name, "allocator bookkeeping out of range".into());
                 };
@@ -491,7 +556,7 @@ impl Manager {
                         let reason = format!("offered instance {}, which {why}", instance.peer);
                         self.out.push_back(ManagerOutput::Event(Event::AllocationRefused {
                             service,
-                            allocator,
+                            allocator: allocator.peer,
                             reason: reason.clone(),
                         }));
                         self.ask_next_allocator(now, name, order, next, reason);
@@ -499,7 +564,7 @@ impl Manager {
                     OpResult::Response(Response::Allocated { instance }) => {
                         self.out.push_back(ManagerOutput::Event(Event::Allocated {
                             service,
-                            allocator,
+                            allocator: allocator.peer,
                             instance: instance.peer.clone(),
                         }));
                         let token = self.token();
@@ -511,6 +576,12 @@ impl Manager {
                         self.set_phase(name, Phase::ProbingNew { token, instance: instance.clone() });
                         self.out.push_back(ManagerOutput::Probe { token, peer: instance, timeout });
                     }
+                    // A copy failed (timed out at the deadline, or could not be sent);
+                    // the others may still be answered.
+                    OpResult::Failed(_) if asking.tokens.len() > 1 => {
+                        asking.tokens.remove(&t);
+                        self.set_phase(name, Phase::Allocating { order, next, asking });
+                    }
                     other => {
                         let reason = match other {
                             OpResult::Response(Response::Refused { reason } | Response::Error { reason }) => reason,
@@ -519,12 +590,26 @@ impl Manager {
                         };
                         self.out.push_back(ManagerOutput::Event(Event::AllocationRefused {
                             service,
-                            allocator,
+                            allocator: allocator.peer,
                             reason: reason.clone(),
                         }));
                         self.ask_next_allocator(now, name, order, next, reason);
                     }
                 }
+            }
+            (Phase::Allocating { order, next, mut asking }, None) if now >= asking.retry_at && now < asking.deadline => {
+                // No answer yet: the request or its answer may have been lost. Send it again.
+                if let Some(allocator) = next.checked_sub(1).and_then(|i| order.get(i)).map(|a| a.peer.clone()) {
+                    let token = self.token();
+                    self.ops.insert(token, name.to_string());
+                    asking.tokens.insert(token);
+                    let timeout = asking.deadline.saturating_since(now);
+                    let request = Request::Allocate { service: name.to_string() };
+                    self.out.push_back(ManagerOutput::Send { token, peer: allocator, request, timeout });
+                }
+                asking.retry_delay = asking.retry_delay.saturating_mul(2);
+                asking.retry_at = now + asking.retry_delay;
+                self.set_phase(name, Phase::Allocating { order, next, asking });
             }
             (Phase::ProbingNew { token, instance }, Some((t, result))) if t == token => {
                 let reqs = self.requirements_of(name);
@@ -533,6 +618,24 @@ impl Manager {
                         self.choose(now, name, instance, rtt)
                     }
                     _ => self.refind_later(now, name, 0),
+                }
+            }
+            (Phase::Confirming { token, candidate, then }, Some((t, result))) if t == token => {
+                let reqs = self.requirements_of(name);
+                match result {
+                    OpResult::Rtt(rtt) if reqs.classify(Some(&PerfSample::rtt(rtt))) != Class::HardViolated => {
+                        self.select(now, name, Measured { peer: candidate, rtt, at: now }, then)
+                    }
+                    _ => {
+                        let reason = format!("{} no longer answers within the hard limit", candidate.peer);
+                        if let Some(d) = self.discoveries.get_mut(name) {
+                            d.fallback = None;
+                        }
+                        match then {
+                            Then::Choose => self.attempt_failed(now, name, reason),
+                            Then::ServeMeanwhile => self.find_allocators(name),
+                        }
+                    }
                 }
             }
             (Phase::RefindWait { until, tries }, None) if now >= until => {
@@ -553,7 +656,7 @@ impl Manager {
                 self.check_round(now, name);
             }
             (Phase::ProbingRefound { round, tries }, r) => {
-                let round = record_probe(round, r);
+                let round = self.retry_round(now, name, record_probe(round, r, now));
                 self.set_phase(name, Phase::ProbingRefound { round, tries });
                 self.check_round(now, name);
             }
@@ -576,38 +679,37 @@ impl Manager {
     fn check_round(&mut self, now: Instant, name: &str) {
         let Some(d) = self.discoveries.get(name) else { return };
         let reqs = d.requirements;
-        let usable = |round: &ProbeRound| -> Vec<Measured> {
-            round
-                .sorted()
-                .into_iter()
-                .filter(|(_, rtt)| reqs.classify(Some(&PerfSample::rtt(*rtt))) != Class::HardViolated)
-                .collect()
-        };
+        let within_hard = |m: &Measured| reqs.classify(Some(&PerfSample::rtt(m.rtt))) != Class::HardViolated;
         match &d.phase {
             Phase::ProbingInstances(round) if round.is_done(now) => {
-                let found = usable(round);
+                let found: Vec<Measured> = round.sorted().into_iter().filter(within_hard).collect();
                 // Seeking better: only instances faster than the current one count, and
                 // the current one is what we keep if nothing better turns up.
                 let (best, fallback) = match &d.purpose {
                     Purpose::Serve => (found.into_iter().next(), None),
                     Purpose::SeekBetter { current, rtt } => {
                         let hash = &d.info.hash;
-                        let current_addr = self
+                        let measured_now = found.iter().find(|m| &m.peer.peer == current).cloned();
+                        let cached = self
                             .cache
                             .entries()
                             .find(|e| &e.service == hash && &e.peer.peer == current)
-                            .map(|e| e.peer.clone());
-                        let best = found.into_iter().find(|(p, r)| &p.peer != current && r < rtt);
-                        (best, current_addr.map(|a| (a, *rtt)))
+                            .map(|e| Measured { peer: e.peer.clone(), rtt: *rtt, at: d.started });
+                        let best = found.into_iter().find(|m| &m.peer.peer != current && m.rtt < *rtt);
+                        (best, measured_now.or(cached))
                     }
                 };
+                let serving = d.purpose == Purpose::Serve;
                 match best {
-                    Some((peer, rtt)) if reqs.classify(Some(&PerfSample::rtt(rtt))) == Class::Good => {
-                        self.choose(now, name, peer, rtt)
+                    Some(m) if reqs.classify(Some(&PerfSample::rtt(m.rtt))) == Class::Good => {
+                        self.select(now, name, m, Then::Choose)
                     }
+                    // Over the soft limit, but usable: requests waiting go to it now,
+                    // while allocators closer than it are asked for a better one.
+                    Some(m) if serving => self.select(now, name, m, Then::ServeMeanwhile),
                     best => {
-                        // Over the soft limit or nothing usable: ask allocators (closer
-                        // than what we have) for a new instance; keep what we have if none can.
+                        // Nothing usable, or seeking better: ask allocators (closer than
+                        // what we have) for a new instance; keep what we have if none can.
                         if let Some(d) = self.discoveries.get_mut(name) {
                             d.fallback = best.or(fallback);
                         }
@@ -616,20 +718,22 @@ impl Manager {
                 }
             }
             Phase::ProbingAllocators(round) if round.is_done(now) => {
-                let mut order = round.sorted();
+                // An allocator over the hard limit could only start an instance no
+                // request may use.
+                let mut order: Vec<Measured> = round.sorted().into_iter().filter(within_hard).collect();
                 // With a slow instance in hand, only allocators closer than it can do better.
-                if let Some((_, fallback_rtt)) = &d.fallback {
-                    order.retain(|(_, rtt)| rtt < fallback_rtt);
+                if let Some(fallback) = &d.fallback {
+                    order.retain(|m| m.rtt < fallback.rtt);
                 }
                 if order.is_empty() {
-                    return self.no_allocation(now, name, "no reachable allocator".into());
+                    return self.no_allocation(now, name, "no reachable allocator within the hard limit".into());
                 }
                 self.ask_next_allocator(now, name, order, 0, String::new());
             }
             Phase::ProbingRefound { round, tries } if round.is_done(now) => {
                 let tries = *tries;
-                match usable(round).into_iter().next() {
-                    Some((peer, rtt)) => self.choose(now, name, peer, rtt),
+                match round.sorted().into_iter().find(within_hard) {
+                    Some(m) => self.select(now, name, m, Then::Choose),
                     None => self.refind_later(now, name, tries + 1),
                 }
             }
@@ -637,15 +741,38 @@ impl Manager {
         }
     }
 
+    /// Act on candidate `m` as `then` says, once its measurement is fresh: a candidate
+    /// measured too long ago is probed again first (links change, and are cut).
+    fn select(&mut self, now: Instant, name: &str, m: Measured, then: Then) {
+        if now.saturating_since(m.at) <= self.config.fresh_measurement {
+            return match then {
+                Then::Choose => self.choose(now, name, m.peer, m.rtt),
+                Then::ServeMeanwhile => self.serve_meanwhile(now, name, m),
+            };
+        }
+        let token = self.token();
+        self.ops.insert(token, name.to_string());
+        let timeout = self.requirements_of(name).probe_timeout();
+        self.set_phase(name, Phase::Confirming { token, candidate: m.peer.clone(), then });
+        self.out.push_back(ManagerOutput::Probe { token, peer: m.peer, timeout });
+    }
+
     /// Ask `order[next]` for an instance; `last` is why the previous one refused.
     fn ask_next_allocator(&mut self, now: Instant, name: &str, order: Vec<Measured>, next: usize, last: String) {
-        let Some((allocator, _)) = order.get(next).cloned() else {
+        let Some(allocator) = order.get(next).map(|m| m.peer.clone()) else {
             let reason = format!("no allocator could start '{name}': {last}");
             return self.no_allocation(now, name, reason);
         };
         let token = self.token();
         self.ops.insert(token, name.to_string());
-        self.set_phase(name, Phase::Allocating { order, next: next + 1, token });
+        let retry_delay = self.config.control_retry.max(MIN_RETRY);
+        let asking = Asking {
+            tokens: [token].into(),
+            deadline: now + self.config.allocate_timeout,
+            retry_at: now + retry_delay,
+            retry_delay,
+        };
+        self.set_phase(name, Phase::Allocating { order, next: next + 1, asking });
         self.out.push_back(ManagerOutput::Send {
             token,
             peer: allocator,
@@ -654,11 +781,11 @@ impl Manager {
         });
     }
 
-    /// Allocation is not possible this round: use the slow instance found, if any,
-    /// else the round failed.
+    /// Allocation is not possible this round: use the slow instance found, if any
+    /// (probed again if need be), else the round failed.
     fn no_allocation(&mut self, now: Instant, name: &str, reason: String) {
         match self.discoveries.get(name).and_then(|d| d.fallback.clone()) {
-            Some((peer, rtt)) => self.choose(now, name, peer, rtt),
+            Some(m) => self.select(now, name, m, Then::Choose),
             None => self.attempt_failed(now, name, reason),
         }
     }
@@ -689,17 +816,28 @@ impl Manager {
         }
     }
 
-    /// Use `instance` for the service: cache it and route everyone waiting.
-    fn choose(&mut self, now: Instant, name: &str, instance: PeerAddr, rtt: Duration) {
-        let Some(d) = self.discoveries.remove(name) else { return };
-        let hash = d.info.hash.clone();
-        self.known.insert(hash.clone(), d.info.clone());
+    /// Keep `info` for seek-better rounds of its service (bounded).
+    fn remember(&mut self, info: ServiceInfo) {
+        let hash = info.hash.clone();
+        self.known.insert(hash.clone(), info);
         if self.known.len() > KNOWN_KEEP {
             let cached: std::collections::BTreeSet<ContentHash> =
                 self.cache.entries().map(|e| e.service.clone()).collect();
             self.known.retain(|h, _| cached.contains(h) || *h == hash);
         }
+    }
+
+    /// Use `instance` for the service: cache it and route everyone waiting.
+    fn choose(&mut self, now: Instant, name: &str, instance: PeerAddr, rtt: Duration) {
+        let Some(d) = self.discoveries.remove(name) else { return };
+        let hash = d.info.hash.clone();
+        self.remember(d.info.clone());
         self.cache.insert(now, &hash, d.requirements, instance.clone(), rtt);
+        self.out.push_back(ManagerOutput::Event(Event::Selected {
+            service: hash.clone(),
+            instance: instance.peer.clone(),
+            rtt,
+        }));
         if let Purpose::SeekBetter { current, .. } = &d.purpose {
             if *current != instance.peer {
                 self.cache.remove(&hash, current, "replaced by a better instance");
@@ -721,6 +859,30 @@ impl Manager {
         for req in d.waiters {
             self.respond(req, Outcome::Route { instance: instance.clone(), service: hash.clone(), try_timeout });
         }
+    }
+
+    /// The best instance found is over the soft limit but usable: cache it and route
+    /// everyone waiting to it now; the discovery goes on as a search for a better one
+    /// (an allocation can take seconds, and a lost message more).
+    fn serve_meanwhile(&mut self, now: Instant, name: &str, m: Measured) {
+        let Some(d) = self.discoveries.get_mut(name) else { return };
+        d.fallback = Some(m.clone());
+        d.purpose = Purpose::SeekBetter { current: m.peer.peer.clone(), rtt: m.rtt };
+        let waiters = std::mem::take(&mut d.waiters);
+        let (info, requirements) = (d.info.clone(), d.requirements);
+        let hash = info.hash.clone();
+        self.remember(info);
+        self.cache.insert(now, &hash, requirements, m.peer.clone(), m.rtt);
+        self.out.push_back(ManagerOutput::Event(Event::Selected {
+            service: hash.clone(),
+            instance: m.peer.peer.clone(),
+            rtt: m.rtt,
+        }));
+        let try_timeout = self.config.resilience.try_timeout(&requirements);
+        for req in waiters {
+            self.respond(req, Outcome::Route { instance: m.peer.clone(), service: hash.clone(), try_timeout });
+        }
+        self.find_allocators(name);
     }
 
     // ---- service mode ----------------------------------------------------
@@ -869,8 +1031,10 @@ impl Manager {
         t = earliest(t, self.requests.values().map(|p| p.deadline).min());
         for d in self.discoveries.values() {
             let phase_t = match &d.phase {
-                Phase::ProbingInstances(r) | Phase::ProbingAllocators(r) => Some(r.deadline),
-                Phase::ProbingRefound { round, .. } => Some(round.deadline),
+                Phase::ProbingInstances(r) | Phase::ProbingAllocators(r) | Phase::ProbingRefound { round: r, .. } => {
+                    Some(r.deadline.min(r.retry_at))
+                }
+                Phase::Allocating { asking, .. } if asking.retry_at < asking.deadline => Some(asking.retry_at),
                 Phase::RefindWait { until, .. } => Some(*until),
                 _ => None,
             };
@@ -895,12 +1059,14 @@ fn providers_of(result: OpResult) -> Vec<PeerAddr> {
     }
 }
 
-/// Record a probe answer (or nothing, if only time passed) in a round.
-fn record_probe(mut round: ProbeRound, result: Option<(u64, OpResult)>) -> ProbeRound {
+/// Record a probe answer (or nothing, if only time passed) in a round: the first
+/// answer of a candidate settles it (its other probes are no longer waited for).
+fn record_probe(mut round: ProbeRound, result: Option<(u64, OpResult)>, now: Instant) -> ProbeRound {
     if let Some((token, result)) = result {
         if let Some(peer) = round.pending.remove(&token) {
+            round.pending.retain(|_, p| p.peer != peer.peer);
             if let OpResult::Rtt(rtt) = result {
-                round.answered.push((peer, rtt));
+                round.answered.push(Measured { peer, rtt, at: now });
             }
         }
     }

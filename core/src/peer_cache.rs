@@ -7,10 +7,13 @@
 //! - A new entry enters level 1 ([`Level::Performant`]) with r = `initial_reliability`.
 //! - Every `probe_interval`, while the cache is not empty, a *round* starts: one
 //!   [`PeerCacheOutput::Probe`] per entry, with a timeout equal to the entry's hard RTT.
-//!   Each answer is classified: lost or over hard → evicted at once; over soft →
-//!   r −= `penalty` (floor 0); otherwise r += `reward` (cap 100). The RTT is recorded
-//!   and the sample goes to a [`PerfEvaluator`], whose `SeekBetter` verdicts surface as
-//!   [`PeerCacheOutput::SeekBetter`].
+//!   Each answer is classified: over hard → evicted at once; lost → r −=
+//!   `loss_penalty`, and evicted once `lost_probes_to_evict` were lost in a row (the
+//!   original: 1, ours: 2, see [`PeerCacheConfig`] for why); over soft → r −=
+//!   `soft_penalty` (the original: 10; ours: 0, an answer counts as alive and the soft
+//!   violation is judged by the grace alone); otherwise r += `reward` (cap 100). The
+//!   RTT is recorded and the sample goes to a [`PerfEvaluator`], whose `SeekBetter`
+//!   verdicts surface as [`PeerCacheOutput::SeekBetter`].
 //! - When every probe of the round has been answered or has expired, levels are
 //!   updated: level 0 with r < `demote_below` → level 1 (r reset); level 1 with
 //!   r > `promote_above` → level 0 (r kept); level 1 with r < `drop_below` → level 2
@@ -80,6 +83,8 @@ type Key = (ContentHash, PeerId);
 struct Entry {
     view: EntryView,
     requirements: Requirements,
+    /// Probes lost in a row.
+    missed: u32,
 }
 
 /// Position of an entry among its service's entries: level, then RTT, then peer id.
@@ -168,6 +173,7 @@ impl PeerCache {
                 rtt,
             },
             requirements,
+            missed: 0,
         };
         svc.order.insert(slot_of(&entry));
         svc.by_peer.insert(entry.view.peer.peer.clone(), entry);
@@ -329,37 +335,53 @@ impl PeerCache {
         let Some(requirements) = self.requirements_of(service, peer) else {
             return;
         };
-        let sample = rtt.map(PerfSample::rtt);
-        match requirements.classify(sample.as_ref()) {
-            Class::HardViolated => {
-                let reason = match rtt {
-                    None => REASON_PROBE_LOST.to_string(),
-                    Some(rtt) => format!(
-                        "hard requirement violated: rtt {} ms over {} ms",
-                        rtt.as_millis(),
-                        requirements.hard.rtt.unwrap_or_default().as_millis()
-                    ),
-                };
-                self.evict(service, peer, &reason);
-                return;
-            }
-            class => {
-                let (reward, penalty) = (self.config.reward, self.config.penalty);
-                self.modify(service, peer, |e| {
-                    let r = e.view.reliability;
-                    e.view.reliability = if class == Class::SoftViolated {
-                        r.saturating_sub(penalty)
-                    } else {
-                        r.saturating_add(reward).min(MAX_RELIABILITY)
-                    };
-                    if let Some(rtt) = rtt {
-                        e.view.rtt = rtt;
-                    }
-                });
-            }
+        let Some(rtt) = rtt else {
+            return self.probe_lost(service, peer);
+        };
+        let sample = PerfSample::rtt(rtt);
+        let class = requirements.classify(Some(&sample));
+        if class == Class::HardViolated {
+            let reason = format!(
+                "hard requirement violated: rtt {} ms over {} ms",
+                rtt.as_millis(),
+                requirements.hard.rtt.unwrap_or_default().as_millis()
+            );
+            self.evict(service, peer, &reason);
+            return;
         }
-        self.evaluator.handle_input(now, PerfInput::Sample { key, requirements, sample });
+        let (reward, soft_penalty) = (self.config.reward, self.config.soft_penalty);
+        self.modify(service, peer, |e| {
+            let r = e.view.reliability;
+            e.view.reliability = if class == Class::SoftViolated && soft_penalty > 0 {
+                r.saturating_sub(soft_penalty)
+            } else {
+                r.saturating_add(reward).min(MAX_RELIABILITY)
+            };
+            e.view.rtt = rtt;
+            e.missed = 0;
+        });
+        self.evaluator.handle_input(now, PerfInput::Sample { key, requirements, sample: Some(sample) });
         self.drain_evaluator();
+    }
+
+    /// A probe got no answer in time: evicted once `lost_probes_to_evict` were lost in
+    /// a row, else it costs reliability (the soft-violation run, if any, goes on).
+    fn probe_lost(&mut self, service: &ContentHash, peer: &PeerId) {
+        let limit = self.config.lost_probes_to_evict.max(1);
+        let penalty = self.config.loss_penalty;
+        let mut missed = 0;
+        self.modify(service, peer, |e| {
+            e.missed = e.missed.saturating_add(1);
+            e.view.reliability = e.view.reliability.saturating_sub(penalty);
+            missed = e.missed;
+        });
+        if missed >= limit {
+            let reason = match limit {
+                1 => REASON_PROBE_LOST.to_string(),
+                n => format!("{REASON_PROBE_LOST} ({n} in a row)"),
+            };
+            self.evict(service, peer, &reason);
+        }
     }
 
     fn drain_evaluator(&mut self) {
@@ -492,8 +514,9 @@ mod tests {
     fn req() -> Requirements {
         Requirements::rtt(ms(50), ms(100))
     }
+    /// The original's rules: a lost probe evicts, a soft answer costs 10.
     fn cache() -> PeerCache {
-        PeerCache::new(PeerCacheConfig::default(), GRACE)
+        PeerCache::new(PeerCacheConfig::original(), GRACE)
     }
     fn drain(c: &mut PeerCache) -> Vec<PeerCacheOutput> {
         std::iter::from_fn(|| c.poll_output()).collect()
@@ -565,7 +588,7 @@ mod tests {
     #[test]
     fn reliability_and_levels_follow_the_original_constants() {
         use Level::{Performant as L1, Reliable as L0};
-        let d = PeerCacheConfig::default;
+        let d = PeerCacheConfig::original;
         let cases = vec![
             Case {
                 name: "+1 per good round; promotion only above 90 (41 rounds); cap 100",
@@ -623,7 +646,7 @@ mod tests {
             },
             Case {
                 name: "floor 0 (no drop level configured, penalty 30)",
-                config: PeerCacheConfig { drop_below: 0, penalty: 30, ..d() },
+                config: PeerCacheConfig { drop_below: 0, soft_penalty: 30, ..d() },
                 steps: vec![(O::Soft, 1, Exp::At(L1, 20)), (O::Soft, 1, Exp::At(L1, 0)), (O::Soft, 1, Exp::At(L1, 0))],
             },
             Case {
@@ -638,6 +661,33 @@ mod tests {
                     (O::Good, 1, Exp::At(L0, 96)),
                     (O::Soft, 1, Exp::At(L1, 95)),
                     (O::Good, 1, Exp::At(L0, 96)),
+                ],
+            },
+            Case {
+                name: "defaults: one lost probe costs 10 and keeps the entry; two in a row evict",
+                config: PeerCacheConfig::default(),
+                steps: vec![
+                    (O::Good, 3, Exp::At(L1, 53)),
+                    (O::Lost, 1, Exp::At(L1, 43)),
+                    (O::Good, 1, Exp::At(L1, 44)),
+                    (O::Lost, 1, Exp::At(L1, 34)),
+                    (O::Lost, 1, Exp::Gone(REASON_PROBE_LOST)),
+                ],
+            },
+            Case {
+                name: "defaults: soft answers count as alive (+1), so only the grace acts on them",
+                config: PeerCacheConfig::default(),
+                steps: vec![(O::Soft, 45, Exp::At(L0, 95)), (O::Hard, 1, Exp::Gone("hard"))],
+            },
+            Case {
+                name: "defaults: scattered losses (1 in 5) never evict a live peer",
+                config: PeerCacheConfig::default(),
+                steps: vec![
+                    (O::Good, 4, Exp::At(L1, 54)),
+                    (O::Lost, 1, Exp::At(L1, 44)),
+                    (O::Good, 4, Exp::At(L1, 48)),
+                    (O::Lost, 1, Exp::At(L1, 38)),
+                    (O::Good, 4, Exp::At(L1, 42)),
                 ],
             },
         ];
@@ -908,7 +958,7 @@ mod tests {
 
     #[test]
     fn an_entry_inserted_during_a_round_is_not_part_of_it() {
-        let config = PeerCacheConfig { initial_reliability: 95, ..PeerCacheConfig::default() };
+        let config = PeerCacheConfig { initial_reliability: 95, ..PeerCacheConfig::original() };
         let mut c = PeerCache::new(config, GRACE);
         let s = svc("a");
         c.insert(Instant::ZERO, &s, req(), addr("old"), ms(10));
@@ -986,7 +1036,7 @@ mod tests {
 
     #[test]
     fn zero_interval_and_zero_hard_rtt_do_not_spin() {
-        let config = PeerCacheConfig { probe_interval: Duration::ZERO, ..PeerCacheConfig::default() };
+        let config = PeerCacheConfig { probe_interval: Duration::ZERO, ..PeerCacheConfig::original() };
         let mut c = PeerCache::new(config, Duration::ZERO);
         let s = svc("a");
         c.insert(secs(1), &s, Requirements::rtt(ms(0), ms(0)), addr("p"), ms(0));
@@ -1000,10 +1050,10 @@ mod tests {
         assert_eq!(c.poll_timeout(), None);
     }
 
-    /// Soft samples every second from t = 1 s, on a cache that does not drop them for
-    /// unreliability (with the default constants 5 soft rounds evict an entry first).
+    /// The shipped defaults: soft answers cost no reliability, so only the grace acts
+    /// on them (with the original's −10, 5 soft rounds flush an entry first).
     fn soft_cache() -> PeerCache {
-        PeerCache::new(PeerCacheConfig { penalty: 1, ..PeerCacheConfig::default() }, GRACE)
+        PeerCache::new(PeerCacheConfig::default(), GRACE)
     }
 
     #[test]

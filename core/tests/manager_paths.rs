@@ -100,8 +100,12 @@ fn soft_violating_instance_triggers_allocation_of_a_closer_one() {
     );
     let req = w.request("svc", secs(5));
     w.run_for(secs(3));
-    assert_eq!(w.routed_to(req).as_deref(), Some("close"));
+    // The slow instance serves at once; the closer one replaces it when it is up.
+    assert_eq!(w.routed_to(req).as_deref(), Some("slow"));
+    assert!(w.events().iter().any(|e| matches!(e, Event::Switched { from, to, .. } if from.0 == "slow" && to.0 == "close")));
     assert_eq!(w.allocate_requests(), 1, "only allocators closer than the slow instance are asked");
+    let later = w.request("svc", secs(5));
+    assert_eq!(w.routed_to(later).as_deref(), Some("close"));
 }
 
 #[test]
@@ -209,7 +213,7 @@ fn failed_route_evicts_the_peer() {
 }
 
 #[test]
-fn hard_violation_of_a_cached_peer_evicts_it_at_the_next_probe() {
+fn a_cached_peer_whose_probes_go_unanswered_is_evicted_at_the_second_lost_probe() {
     let svc = service("svc", 50, 100);
     let mut w = World::new([&svc]);
     w.add_instance(&svc, "i1", ms(5));
@@ -218,6 +222,8 @@ fn hard_violation_of_a_cached_peer_evicts_it_at_the_next_probe() {
     assert_eq!(w.routed_to(first).as_deref(), Some("i1"));
     w.rtt.insert(PeerId("i1".into()), ms(300)); // over hard: probes time out at 100 ms
     w.run_for(ms(1500));
+    assert!(!w.events().iter().any(|e| matches!(e, Event::Evicted { .. })), "not at the first lost probe");
+    w.run_for(ms(1000));
     assert!(w.events().iter().any(|e| matches!(e, Event::Evicted { peer, .. } if peer.0 == "i1")));
     assert!(w.node.manager().peer_cache().lookup(&svc.hash).is_none());
 }
@@ -227,7 +233,12 @@ fn soft_violation_with_the_original_constants_moves_on_once_the_cache_drops_the_
     // r falls by 10 per soft-violating probe: 50 → 0 in five rounds, then level 2 is
     // flushed. The next request rediscovers and picks the faster instance.
     let svc = service("svc", 50, 100);
-    let mut w = World::new([&svc]);
+    let mut config = physarum_core::config::NodeConfig::new(
+        PeerId("client".into()),
+        physarum_core::perf::Requirements::rtt(ms(100), ms(1000)),
+    );
+    config.peer_cache = physarum_core::config::PeerCacheConfig::original();
+    let mut w = World::with_config(config, [&svc]);
     w.add_instance(&svc, "i1", ms(5));
     let first = w.request("svc", secs(5));
     w.run_for(ms(500));
@@ -388,4 +399,146 @@ fn a_rogue_registry_is_skipped_and_its_forged_entry_never_used() {
         w.count(|o| matches!(o, Output::Probe { .. } | Output::FindProviders { key: DhtKey::Service(_), .. })),
         0
     );
+}
+
+/// A client with the shipped defaults except for `change`.
+fn world_with(services: &[&physarum_core::types::ServiceInfo], change: impl FnOnce(&mut physarum_core::config::NodeConfig)) -> World {
+    let mut config = physarum_core::config::NodeConfig::new(
+        PeerId("client".into()),
+        physarum_core::perf::Requirements::rtt(ms(100), ms(1000)),
+    );
+    change(&mut config);
+    World::with_config(config, services.iter().copied())
+}
+
+#[test]
+fn a_lost_allocate_is_sent_again_well_within_its_deadline() {
+    // No instance yet; the first start request to the allocator is lost.
+    let svc = service("svc", 50, 200);
+    let mut w = World::new([&svc]);
+    w.add_allocator("near", ms(5), AllocatorBehaviour::Start { instance: peer("fresh"), rtt: ms(5), in_dht: false });
+    w.lose_allocates = 1;
+    let req = w.request("svc", secs(30));
+    w.run_for(secs(3));
+    assert_eq!(w.routed_to(req).as_deref(), Some("fresh"));
+    let took = w.answered_at(req).map(|t| t.saturating_since(physarum_core::Instant::ZERO)).unwrap_or_default();
+    let limit = physarum_core::config::ManagerConfig::default().control_retry * 3;
+    assert!(took < limit, "a lost start request cost {took:?}, over {limit:?}");
+    assert_eq!(w.allocate_requests(), 2, "sent again once");
+}
+
+#[test]
+fn a_lost_probe_in_a_discovery_round_is_sent_again_within_the_round() {
+    let svc = service("svc", 50, 200);
+    let mut w = World::new([&svc]);
+    w.add_instance(&svc, "i1", ms(5));
+    w.add_allocator("near", ms(5), AllocatorBehaviour::Refuse("must not be needed".into()));
+    w.lose_next.insert(PeerId("i1".into()), 1);
+    let req = w.request("svc", secs(5));
+    w.run_for(secs(2));
+    assert_eq!(w.routed_to(req).as_deref(), Some("i1"), "found in the same round");
+    assert_eq!(w.allocate_requests(), 0);
+    let took = w.answered_at(req).map(|t| t.saturating_since(physarum_core::Instant::ZERO)).unwrap_or_default();
+    assert!(took < ms(500), "took {took:?}");
+}
+
+#[test]
+fn requests_use_the_instance_in_hand_while_a_better_one_is_allocated() {
+    // "slow" is over the soft limit but usable; the closer allocator never answers.
+    let svc = service("svc", 50, 200);
+    let mut w = World::new([&svc]);
+    w.add_instance(&svc, "slow", ms(80));
+    w.add_allocator("near", ms(5), AllocatorBehaviour::Silent);
+    let first = w.request("svc", secs(30));
+    w.run_for(secs(1));
+    assert_eq!(w.routed_to(first).as_deref(), Some("slow"), "served while the allocation is under way");
+    let took = w.answered_at(first).map(|t| t.saturating_since(physarum_core::Instant::ZERO)).unwrap_or_default();
+    assert!(took < ms(300), "the first request waited {took:?}");
+    assert!(w.allocate_requests() >= 1, "a closer instance is being asked for");
+    let second = w.request("svc", secs(30));
+    assert_eq!(w.routed_to(second).as_deref(), Some("slow"), "later requests too, from the cache");
+    // The allocation times out; the slow instance is kept.
+    w.run_for(secs(12));
+    assert!(w.node.manager().peer_cache().lookup(&svc.hash).is_some_and(|e| e.peer.peer.0 == "slow"));
+}
+
+#[test]
+fn allocators_over_the_hard_limit_are_never_asked() {
+    let svc = service("svc", 50, 200);
+    let mut w = World::new([&svc]);
+    w.add_allocator("far", ms(300), AllocatorBehaviour::Start { instance: peer("useless"), rtt: ms(300), in_dht: false });
+    w.add_allocator("near", ms(20), AllocatorBehaviour::Refuse("full".into()));
+    let req = w.request("svc", secs(20));
+    w.run_for(secs(15));
+    let asked_far = w.count(|o| {
+        matches!(o, Output::SendRequest { peer, request: Request::Allocate { .. }, .. } if peer.peer.0 == "far")
+    });
+    assert_eq!(asked_far, 0, "an allocator over the hard limit was asked to start an instance");
+    assert!(w.allocate_requests() >= 1, "the one within the limit was asked");
+    assert_eq!(status(&w, req).0, 503);
+}
+
+#[test]
+fn a_fallback_is_probed_again_before_it_is_chosen() {
+    // "slow" serves while the allocator is asked; its link is cut at 2 s; the
+    // allocation times out at 10 s: "slow" must not be chosen then on its old probe.
+    let svc = service("svc", 50, 200);
+    let mut w = world_with(&[&svc], |c| c.manager.attempts = 1);
+    w.add_instance(&svc, "slow", ms(80));
+    w.add_allocator("near", ms(5), AllocatorBehaviour::Silent);
+    let first = w.request("svc", secs(30));
+    w.run_for(secs(1));
+    assert_eq!(w.routed_to(first).as_deref(), Some("slow"));
+    let cut = physarum_core::Instant::ZERO + secs(2);
+    w.cut_from.insert(PeerId("slow".into()), cut);
+    w.run_for(secs(14));
+    let late: Vec<_> = w.selections().into_iter().filter(|(t, who)| *t >= cut && who == "slow").collect();
+    assert!(late.is_empty(), "chosen after its link was cut: {late:?}");
+    assert!(w.node.manager().peer_cache().lookup(&svc.hash).is_none());
+}
+
+#[test]
+fn a_single_lost_probe_keeps_the_peer_and_the_original_rule_evicts_it() {
+    for (config, evicted) in [
+        (physarum_core::config::PeerCacheConfig::default(), false),
+        (physarum_core::config::PeerCacheConfig::original(), true),
+    ] {
+        let svc = service("svc", 50, 200);
+        let mut w = world_with(&[&svc], |c| c.peer_cache = config.clone());
+        w.add_instance(&svc, "i1", ms(5));
+        let first = w.request("svc", secs(5));
+        w.run_for(ms(500));
+        assert_eq!(w.routed_to(first).as_deref(), Some("i1"));
+        w.lose_next.insert(PeerId("i1".into()), 1);
+        w.run_for(secs(3));
+        let gone = w.events().iter().any(|e| matches!(e, Event::Evicted { peer, .. } if peer.0 == "i1"));
+        assert_eq!(gone, evicted, "{config:?}");
+    }
+}
+
+#[test]
+fn with_the_shipped_defaults_a_persistent_soft_violation_moves_within_grace_plus_one_second() {
+    let svc = service("svc", 50, 200);
+    let mut w = World::new([&svc]);
+    w.add_instance(&svc, "i1", ms(5));
+    let first = w.request("svc", secs(5));
+    w.run_for(ms(500));
+    assert_eq!(w.routed_to(first).as_deref(), Some("i1"));
+    w.rtt.insert(PeerId("i1".into()), ms(70));
+    w.add_instance(&svc, "i2", ms(4));
+    let slow_since = w.now;
+    let grace = physarum_core::config::ManagerConfig::default().soft_grace;
+    w.run_for(grace - ms(500));
+    assert!(!w.events().iter().any(|e| matches!(e, Event::Switched { .. } | Event::Evicted { .. })), "kept during the grace");
+    let during = w.request("svc", secs(5));
+    assert_eq!(w.routed_to(during).as_deref(), Some("i1"));
+    w.run_for(secs(3));
+    let switched_at = w
+        .log
+        .iter()
+        .find(|(_, o)| matches!(o, Output::Event(Event::Switched { from, to, .. }) if from.0 == "i1" && to.0 == "i2"))
+        .map(|(t, _)| *t)
+        .expect("switched to i2");
+    let after = switched_at.saturating_since(slow_since);
+    assert!(after >= grace && after <= grace + secs(1), "switched {after:?} after the soft limit was crossed");
 }

@@ -92,8 +92,12 @@ struct Harness {
     outstanding: BTreeMap<u64, (Key, Instant)>,
     /// Probes answered, expired, or dropped with their entry.
     retired: Vec<u64>,
-    /// Entries whose last probe was lost or over the hard limit.
+    /// Entries whose last probe was over the hard limit, or that lost
+    /// `lost_probes_to_evict` probes in a row.
     bad: BTreeSet<Key>,
+    /// Probes lost in a row per entry, and how many evict.
+    missed: BTreeMap<Key, u32>,
+    evict_after: u32,
     /// Model of the soft-violation runs: entry → when the run began, or when it last
     /// asked for better.
     soft_since: BTreeMap<Key, Instant>,
@@ -102,6 +106,8 @@ struct Harness {
 impl Harness {
     fn new(config: PeerCacheConfig) -> Self {
         Harness {
+            evict_after: config.lost_probes_to_evict.max(1),
+            missed: BTreeMap::new(),
             cache: PeerCache::new(config, GRACE),
             now: Instant::ZERO,
             outputs: Vec::new(),
@@ -134,6 +140,7 @@ impl Harness {
                         self.retired.push(t);
                     }
                     self.soft_since.remove(&key);
+                    self.missed.remove(&key);
                 }
                 PeerCacheOutput::SeekBetter { service, peer, .. } => {
                     prop_assert!(self.cache.get(service, peer).is_some(), "SeekBetter for an absent entry");
@@ -159,7 +166,11 @@ impl Harness {
             Op::Insert { svc, peer, rtt_ms } => {
                 let s = service(svc);
                 let p = PeerAddr::new(format!("p{peer}"), vec![format!("/ip4/10.0.0.{peer}/tcp/4001")]);
-                self.bad.remove(&(s.clone(), p.peer.clone()));
+                let key = (s.clone(), p.peer.clone());
+                self.bad.remove(&key);
+                if self.cache.get(&key.0, &key.1).is_none() {
+                    self.missed.remove(&key);
+                }
                 self.cache.insert(self.now, &s, requirements(&s), p, ms(rtt_ms));
             }
             Op::Remove { svc, peer } => {
@@ -197,12 +208,12 @@ impl Harness {
             Op::Advance { ms: d, fire } => {
                 self.now += ms(d);
                 if fire {
-                    for (key, deadline) in self.outstanding.values() {
-                        if *deadline <= self.now {
-                            self.bad.insert(key.clone());
-                        }
-                    }
                     let now = self.now;
+                    let lost: Vec<Key> =
+                        self.outstanding.values().filter(|(_, d)| *d <= now).map(|(k, _)| k.clone()).collect();
+                    for key in lost {
+                        self.lost(key);
+                    }
                     let expired: Vec<u64> =
                         self.outstanding.iter().filter(|(_, (_, d))| *d <= now).map(|(t, _)| *t).collect();
                     for t in expired {
@@ -233,11 +244,13 @@ impl Harness {
         self.retired.push(token);
         let late = self.now > deadline;
         let class = requirements(&key.0).classify(rtt.map(PerfSample::rtt).as_ref());
+        if late || rtt.is_none() {
+            self.lost(key);
+            self.cache.probe_result(self.now, token, rtt);
+            return;
+        }
+        self.missed.remove(&key);
         match class {
-            _ if late => {
-                self.bad.insert(key.clone());
-                self.soft_since.remove(&key);
-            }
             Class::HardViolated => {
                 self.bad.insert(key.clone());
                 self.soft_since.remove(&key);
@@ -250,6 +263,16 @@ impl Harness {
             }
         }
         self.cache.probe_result(self.now, token, rtt);
+    }
+
+    /// A probe of `key` was lost: evicted after enough in a row, else its soft run goes on.
+    fn lost(&mut self, key: Key) {
+        let n = self.missed.entry(key.clone()).or_insert(0);
+        *n += 1;
+        if *n >= self.evict_after {
+            self.bad.insert(key.clone());
+            self.soft_since.remove(&key);
+        }
     }
 
     /// A token with no outstanding probe: nothing may change.
@@ -329,7 +352,7 @@ proptest! {
         let config = PeerCacheConfig {
             initial_reliability: 50,
             reward: 20,
-            penalty: 15,
+            soft_penalty: 15,
             promote_above: 60,
             demote_below: 70,
             drop_below: 30,
@@ -340,10 +363,20 @@ proptest! {
         prop_assert_eq!(first, second, "same inputs, different outputs");
     }
 
+    /// The original's rules: one lost probe evicts, soft answers cost 10.
+    #[test]
+    fn peer_cache_invariants_hold_with_the_original_rules(ops in prop::collection::vec(op(), 0..120)) {
+        let config = PeerCacheConfig::original();
+        let first = run(&config, &ops)?;
+        let second = run(&config, &ops)?;
+        prop_assert_eq!(first, second, "same inputs, different outputs");
+    }
+
     /// A small penalty, so that soft violations last long enough to ask for better.
     #[test]
     fn peer_cache_invariants_hold_with_lenient_penalty(ops in prop::collection::vec(op(), 0..200)) {
-        let config = PeerCacheConfig { penalty: 2, promote_above: 60, demote_below: 55, ..PeerCacheConfig::default() };
+        let config =
+            PeerCacheConfig { soft_penalty: 2, promote_above: 60, demote_below: 55, ..PeerCacheConfig::default() };
         let first = run(&config, &ops)?;
         let second = run(&config, &ops)?;
         prop_assert_eq!(first, second, "same inputs, different outputs");

@@ -53,6 +53,9 @@ pub fn log_event(event: &Event) {
         // The front end logs each retry with the peer it goes to.
         Event::Retried { service } => tracing::debug!(%service, "retrying"),
         Event::CacheHit { service, instance } => tracing::debug!(%service, peer = %instance, "cache hit"),
+        Event::Selected { service, instance, rtt } => {
+            tracing::debug!(%service, peer = %instance, ?rtt, "instance selected")
+        }
         Event::SeekBetter { service, peer } => {
             tracing::debug!(%service, %peer, "over the soft limit for a while: looking for a better instance")
         }

@@ -283,7 +283,7 @@ impl Metrics {
             Event::Untrusted { .. } => {
                 self.untrusted.inc();
             }
-            Event::SeekBetter { .. } | Event::AppHealth { .. } => {}
+            Event::SeekBetter { .. } | Event::AppHealth { .. } | Event::Selected { .. } => {}
             Event::Switched { .. } => {
                 self.switches.inc();
             }

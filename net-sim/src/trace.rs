@@ -128,6 +128,7 @@ pub fn event_text(e: &Event) -> String {
             format!("allocation-refused {service} by={allocator} {reason}")
         }
         Event::Evicted { service, peer, reason } => format!("evicted {service} {peer} {reason}"),
+        Event::Selected { service, instance, rtt } => format!("selected {service} {instance} {}us", rtt.as_micros()),
         Event::Retried { service } => format!("retried {service}"),
         Event::RetryRefused { service } => format!("retry-refused {service}"),
         Event::AppHealth { service, answering } => format!("app-health {service} answering={answering}"),

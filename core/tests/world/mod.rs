@@ -56,6 +56,8 @@ pub enum AllocatorBehaviour {
         in_dht: bool,
     },
     Refuse(String),
+    /// Never answers a start request.
+    Silent,
 }
 
 pub struct World {
@@ -66,6 +68,12 @@ pub struct World {
     pub rtt: BTreeMap<PeerId, Duration>,
     /// A peer listed here is unreachable before the given time.
     pub reachable_from: BTreeMap<PeerId, Instant>,
+    /// A peer listed here is unreachable from the given time on (its link is cut).
+    pub cut_from: BTreeMap<PeerId, Instant>,
+    /// The next this many messages (probes or requests) to a peer are lost.
+    pub lose_next: BTreeMap<PeerId, u32>,
+    /// The next this many start requests (to any allocator) are lost.
+    pub lose_allocates: u32,
     pub registry: BTreeMap<String, ServiceInfo>,
     /// Peers that answer registry queries with entries signed by a stranger's key.
     pub rogue_registries: Vec<String>,
@@ -102,6 +110,9 @@ impl World {
             providers: BTreeMap::new(),
             rtt: BTreeMap::new(),
             reachable_from: BTreeMap::new(),
+            cut_from: BTreeMap::new(),
+            lose_next: BTreeMap::new(),
+            lose_allocates: 0,
             registry: services.into_iter().map(|s| (s.name.clone(), s.clone())).collect(),
             rogue_registries: Vec::new(),
             allocators: BTreeMap::new(),
@@ -171,8 +182,15 @@ impl World {
         self.queue.insert((self.now + after, self.seq), input);
     }
 
-    fn reachable(&self, p: &PeerId) -> Option<Duration> {
+    fn reachable(&mut self, p: &PeerId) -> Option<Duration> {
         if self.reachable_from.get(p).is_some_and(|t| self.now < *t) {
+            return None;
+        }
+        if self.cut_from.get(p).is_some_and(|t| self.now >= *t) {
+            return None;
+        }
+        if let Some(n) = self.lose_next.get_mut(p).filter(|n| **n > 0) {
+            *n -= 1;
             return None;
         }
         self.rtt.get(p).copied()
@@ -197,6 +215,15 @@ impl World {
                 }
                 Output::SendRequest { op, peer, request, .. } => {
                     let Some(rtt) = self.reachable(&peer.peer) else { continue };
+                    if self.lose_allocates > 0 && matches!(request, Request::Allocate { .. }) {
+                        self.lose_allocates -= 1;
+                        continue;
+                    }
+                    if matches!(self.allocators.get(&peer.peer), Some(AllocatorBehaviour::Silent))
+                        && matches!(request, Request::Allocate { .. })
+                    {
+                        continue;
+                    }
                     let response = self.serve(&peer.peer, request);
                     self.at(rtt, Input::OpDone { op, result: OpResult::Response(response) });
                 }
@@ -232,6 +259,7 @@ impl World {
                     Response::Allocated { instance }
                 }
                 Some(AllocatorBehaviour::Refuse(reason)) => Response::Refused { reason },
+                Some(AllocatorBehaviour::Silent) => Response::Error { reason: "silent".into() },
                 None => Response::Error { reason: "not an allocator".into() },
             },
             // A sidecar that takes its credentials and has just served.
@@ -300,6 +328,22 @@ impl World {
 
     pub fn allocate_requests(&self) -> usize {
         self.count(|o| matches!(o, Output::SendRequest { request: Request::Allocate { .. }, .. }))
+    }
+
+    /// When request `req` was answered.
+    pub fn answered_at(&self, req: ReqId) -> Option<Instant> {
+        self.responses.get(&req).map(|(t, _)| *t)
+    }
+
+    /// (time, instance) of every `Selected` event.
+    pub fn selections(&self) -> Vec<(Instant, String)> {
+        self.log
+            .iter()
+            .filter_map(|(t, o)| match o {
+                Output::Event(Event::Selected { instance, .. }) => Some((*t, instance.0.clone())),
+                _ => None,
+            })
+            .collect()
     }
 
     pub fn finds_of(&self, key: &DhtKey) -> usize {
