@@ -6,6 +6,11 @@
 //!   the same as a stalled stream in production. Pings are answered by the transport
 //!   itself (like libp2p's ping protocol), so a probe measures the network only.
 //! - Tunnels are turmoil TCP streams to the same port number (TCP).
+//! - Message loss ([`LossModel`]) is applied here, not by turmoil (whose fail rate
+//!   cuts the whole link for a moment and drops everything in flight on it): a lost
+//!   datagram is gone, as over UDP; a lost stream segment is sent again after a
+//!   retransmission timeout, as over TCP ([`SimStream`]), so on a stream loss becomes
+//!   delay; a lost connection attempt is repeated after TCP's initial 1 s SYN timeout.
 //! - Discovery talks to the bootstrap DHT servers of [`crate::dht`], and the
 //!   bootstrap "connections" are keepalives with the start-up backoff (2, 4, 8, 16 s;
 //!   5 attempts, then the node exits with a clear error) and, after a loss,
@@ -19,15 +24,168 @@ use physarum_core::wire::{self, Envelope, Request, Response};
 use physarum_runtime::transport::{
     Connector, InboundRequest, InboundSenders, InboundTunnel, Listener, NetEvent, Transport,
 };
+use rand_chacha::ChaCha8Rng;
+use rand_core::{RngCore, SeedableRng};
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::{sleep, timeout, timeout_at, Instant};
+use tokio::time::{sleep, timeout, timeout_at, Instant, Sleep};
 use turmoil::net::{TcpListener, TcpStream, UdpSocket};
+
+/// Per-link message loss, shared by every node of a run (all on turmoil's one thread,
+/// so the draws from its one seeded RNG happen in a deterministic order).
+#[derive(Clone)]
+pub struct LossModel {
+    state: Rc<RefCell<LossState>>,
+}
+
+struct LossState {
+    /// Loss probability per message, by host pair (names in order).
+    rates: BTreeMap<(String, String), f64>,
+    rng: ChaCha8Rng,
+}
+
+impl LossModel {
+    pub fn new(seed: u64) -> Self {
+        let state = LossState { rates: BTreeMap::new(), rng: ChaCha8Rng::seed_from_u64(seed) };
+        LossModel { state: Rc::new(RefCell::new(state)) }
+    }
+
+    fn pair(a: &str, b: &str) -> (String, String) {
+        if a <= b {
+            (a.to_string(), b.to_string())
+        } else {
+            (b.to_string(), a.to_string())
+        }
+    }
+
+    /// Lose messages between hosts `a` and `b` (both ways) with probability `rate`; 0 repairs.
+    pub fn set(&self, a: &str, b: &str, rate: f64) {
+        let mut s = self.state.borrow_mut();
+        if rate > 0.0 {
+            s.rates.insert(Self::pair(a, b), rate.min(1.0));
+        } else {
+            s.rates.remove(&Self::pair(a, b));
+        }
+    }
+
+    /// Whether the message being sent now from host `from` to host `to` is lost.
+    pub fn lost(&self, from: &str, to: &str) -> bool {
+        if from == to {
+            return false;
+        }
+        let mut s = self.state.borrow_mut();
+        let Some(rate) = s.rates.get(&Self::pair(from, to)).copied() else { return false };
+        // 53 random bits, uniform in [0, 1).
+        let draw = (s.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        draw < rate
+    }
+}
+
+impl std::fmt::Debug for LossModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LossModel").field("rates", &self.state.borrow().rates).finish()
+    }
+}
+
+impl Default for LossModel {
+    fn default() -> Self {
+        LossModel::new(0)
+    }
+}
+
+/// TCP's retransmission timeout: the first (Linux's minimum), doubled for every loss
+/// of the same segment, up to the last.
+const MIN_RTO: Duration = Duration::from_millis(200);
+const MAX_RTO: Duration = Duration::from_secs(60);
+/// TCP's initial SYN retransmission timeout (RFC 6298).
+const SYN_RTO: Duration = Duration::from_secs(1);
+
+/// A tunnel stream over turmoil TCP, with loss turned into delay: every write is one
+/// segment; a lost one is written only after the retransmission timeout (doubling
+/// while it keeps being lost). Order and content are kept, as TCP keeps them.
+pub struct SimStream {
+    inner: TcpStream,
+    link: LossyLink,
+}
+
+struct LossyLink {
+    loss: LossModel,
+    from: String,
+    to: String,
+    /// Waiting out a retransmission timeout before the current segment goes.
+    stall: Option<Pin<Box<Sleep>>>,
+    rto: Duration,
+    /// The current segment has been through the loss draw and goes through.
+    passed: bool,
+}
+
+impl SimStream {
+    /// `inner`, whose writes from host `from` to host `to` suffer `loss`.
+    pub fn new(inner: TcpStream, loss: LossModel, from: &str, to: &str) -> Self {
+        let link = LossyLink {
+            loss,
+            from: from.to_string(),
+            to: to.to_string(),
+            stall: None,
+            rto: MIN_RTO,
+            passed: false,
+        };
+        SimStream { inner, link }
+    }
+}
+
+impl AsyncRead for SimStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SimStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let l = &mut this.link;
+        while !l.passed {
+            if let Some(stall) = l.stall.as_mut() {
+                ready!(stall.as_mut().poll(cx));
+                l.stall = None;
+            }
+            if l.loss.lost(&l.from, &l.to) {
+                l.stall = Some(Box::pin(sleep(l.rto)));
+                l.rto = (l.rto * 2).min(MAX_RTO);
+            } else {
+                l.passed = true;
+                l.rto = MIN_RTO;
+            }
+        }
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if r.is_ready() {
+            l.passed = false;
+        }
+        r
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// The host part of a `host:port` address.
+fn host_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr)
+}
 
 /// Where a node listens and whom it joins through.
 #[derive(Clone, Debug)]
@@ -58,6 +216,8 @@ pub struct EndpointConfig {
     /// Pass pings on to the node rather than answering them here (sidecars: their
     /// answer says whether the application answers).
     pub pings_to_node: bool,
+    /// Message loss on this node's links.
+    pub loss: LossModel,
 }
 
 impl EndpointConfig {
@@ -76,6 +236,7 @@ impl EndpointConfig {
             tunnel_connect_timeout: Duration::from_secs(2),
             advertise_timeout: Duration::from_secs(2),
             pings_to_node: false,
+            loss: LossModel::default(),
         }
     }
 
@@ -128,6 +289,9 @@ impl Inner {
             let Ok(frame) = wire::encode(&msg(id)) else { continue };
             ids.push(id);
             self.dht_pending.borrow_mut().insert(id, tx.clone());
+            if self.cfg.loss.lost(&self.cfg.host, b) {
+                continue;
+            }
             if self.dht_sock.send_to(&frame, (b.as_str(), DHT_PORT)).await.is_err() {
                 self.dht_pending.borrow_mut().remove(&id);
             }
@@ -160,7 +324,7 @@ impl SimTransport {
     /// Bind the node's sockets and start its receive loops and bootstrap connections.
     pub async fn start(
         cfg: EndpointConfig,
-        senders: InboundSenders<TcpStream>,
+        senders: InboundSenders<SimStream>,
         trace: Trace,
     ) -> io::Result<(SimTransport, Endpoint)> {
         let node_sock = UdpSocket::bind(("0.0.0.0", cfg.port)).await?;
@@ -180,7 +344,7 @@ impl SimTransport {
         let tasks = vec![
             tokio::task::spawn_local(node_loop(inner.clone(), senders.requests.clone())),
             tokio::task::spawn_local(dht_loop(inner.clone())),
-            tokio::task::spawn_local(accept_loop(listener, senders.tunnels.clone())),
+            tokio::task::spawn_local(accept_loop(inner.clone(), listener, senders.tunnels.clone())),
             tokio::task::spawn_local(bootstrap_loop(inner.clone(), senders.events.clone(), fatal_tx)),
         ];
         Ok((SimTransport { inner }, Endpoint { _tasks: AbortOnDrop(tasks), fatal }))
@@ -201,7 +365,7 @@ fn first_addr(peer: &PeerAddr) -> Result<&str, String> {
 }
 
 impl Transport for SimTransport {
-    type Stream = TcpStream;
+    type Stream = SimStream;
 
     fn local_peer(&self) -> PeerId {
         self.inner.cfg.peer.clone()
@@ -279,7 +443,8 @@ impl Transport for SimTransport {
             .map_err(|e| e.to_string())?;
         let (tx, rx) = oneshot::channel();
         inner.pending.borrow_mut().insert(id, tx);
-        if let Err(e) = inner.node_sock.send_to(&frame, addr).await {
+        let lost = inner.cfg.loss.lost(&inner.cfg.host, host_of(addr));
+        if let Err(e) = if lost { Ok(0) } else { inner.node_sock.send_to(&frame, addr).await } {
             inner.pending.borrow_mut().remove(&id);
             return Err(format!("cannot send to {addr}: {}", e.kind()));
         }
@@ -292,10 +457,21 @@ impl Transport for SimTransport {
         }
     }
 
-    async fn open_tunnel(&self, peer: PeerAddr) -> Result<TcpStream, String> {
+    async fn open_tunnel(&self, peer: PeerAddr) -> Result<SimStream, String> {
         let addr = first_addr(&peer)?.to_string();
-        match timeout(self.inner.cfg.tunnel_connect_timeout, TcpStream::connect(addr.as_str())).await {
-            Ok(Ok(s)) => Ok(s),
+        let cfg = &self.inner.cfg;
+        let to = host_of(&addr).to_string();
+        let connect = async {
+            // A lost SYN or SYN-ACK is sent again after TCP's SYN timeout, doubling.
+            let mut rto = SYN_RTO;
+            while cfg.loss.lost(&cfg.host, &to) || cfg.loss.lost(&to, &cfg.host) {
+                sleep(rto).await;
+                rto *= 2;
+            }
+            TcpStream::connect(addr.as_str()).await
+        };
+        match timeout(cfg.tunnel_connect_timeout, connect).await {
+            Ok(Ok(s)) => Ok(SimStream::new(s, cfg.loss.clone(), &cfg.host, &to)),
             // The error kind only: turmoil's message names the IP address.
             Ok(Err(e)) => Err(format!("cannot connect to {}: {}", peer.peer, e.kind())),
             Err(_) => Err(format!("connecting to {} timed out", peer.peer)),
@@ -312,19 +488,19 @@ async fn node_loop(inner: Rc<Inner>, requests: mpsc::UnboundedSender<InboundRequ
         let Ok(Some((env, _))) = wire::decode::<Envelope>(&buf[..n]) else { continue };
         match env {
             Envelope::Request { id, body: Request::Ping { nonce }, .. } if !inner.cfg.pings_to_node => {
-                reply(&inner.node_sock, id, Response::Pong { nonce }, src).await;
+                reply(&inner, id, Response::Pong { nonce }, src).await;
             }
             Envelope::Request { id, from, body } => {
                 let (tx, rx) = oneshot::channel();
                 if requests.send(InboundRequest { from: PeerId(from), request: body, reply: tx }).is_err() {
-                    reply(&inner.node_sock, id, Response::Error { reason: "node is shutting down".into() }, src).await;
+                    reply(&inner, id, Response::Error { reason: "node is shutting down".into() }, src).await;
                     continue;
                 }
                 let inner = inner.clone();
                 tokio::task::spawn_local(async move {
                     let response =
                         rx.await.unwrap_or_else(|_| Response::Error { reason: "request dropped unanswered".into() });
-                    reply(&inner.node_sock, id, response, src).await;
+                    reply(&inner, id, response, src).await;
                 });
             }
             Envelope::Response { id, body } => {
@@ -336,7 +512,7 @@ async fn node_loop(inner: Rc<Inner>, requests: mpsc::UnboundedSender<InboundRequ
     }
 }
 
-async fn reply(sock: &UdpSocket, id: u64, body: Response, to: SocketAddr) {
+async fn reply(inner: &Inner, id: u64, body: Response, to: SocketAddr) {
     let frame = match wire::encode(&Envelope::Response { id, body }) {
         Ok(f) => f,
         Err(e) => match wire::encode(&Envelope::Response { id, body: Response::Error { reason: e.to_string() } }) {
@@ -344,7 +520,10 @@ async fn reply(sock: &UdpSocket, id: u64, body: Response, to: SocketAddr) {
             Err(_) => return,
         },
     };
-    let _ = sock.send_to(&frame, to).await;
+    let to_host = turmoil::reverse_lookup(to.ip()).unwrap_or_default();
+    if !inner.cfg.loss.lost(&inner.cfg.host, &to_host) {
+        let _ = inner.node_sock.send_to(&frame, to).await;
+    }
 }
 
 /// DHT answers on the node's DHT client socket.
@@ -365,13 +544,19 @@ async fn dht_loop(inner: Rc<Inner>) {
     }
 }
 
-async fn accept_loop(listener: TcpListener, tunnels: mpsc::UnboundedSender<InboundTunnel<TcpStream>>) {
+async fn accept_loop(
+    inner: Rc<Inner>,
+    listener: TcpListener,
+    tunnels: mpsc::UnboundedSender<InboundTunnel<SimStream>>,
+) {
     loop {
         let Ok((stream, from)) = listener.accept().await else {
             sleep(Duration::from_millis(10)).await;
             continue;
         };
-        let from = PeerId(turmoil::reverse_lookup(from.ip()).unwrap_or_else(|| from.ip().to_string()));
+        let from = turmoil::reverse_lookup(from.ip()).unwrap_or_else(|| from.ip().to_string());
+        let stream = SimStream::new(stream, inner.cfg.loss.clone(), &inner.cfg.host, &from);
+        let from = PeerId(from);
         if tunnels.send(InboundTunnel { from, stream }).is_err() {
             return;
         }
@@ -622,7 +807,7 @@ mod tests {
         boot_host(&mut sim, "boot2", vec!["boot1".into()], trace.clone());
         let t = trace.clone();
         sim.client("a", async move {
-            let (senders, mut inbound) = inbound_channel::<TcpStream>();
+            let (senders, mut inbound) = inbound_channel::<SimStream>();
             // Only knows boot1.
             let cfg = EndpointConfig::new(PeerId("a".into()), "a", 7000, vec!["boot1".into()]);
             let (tr, _ep) = SimTransport::start(cfg, senders, t).await?;
