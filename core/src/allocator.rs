@@ -328,7 +328,8 @@ impl Allocator {
 
     /// A request for a service the registry knows: reuse, join, start or refuse.
     fn admit(&mut self, now: Instant, id: InboundId, info: &ServiceInfo) {
-        if let Some((&instance, inst)) = self.instances.iter_mut().find(|(_, i)| i.serves(info)) {
+        let reuse = !self.config.defects.start_per_request;
+        if let Some((&instance, inst)) = self.instances.iter_mut().find(|(_, i)| reuse && i.serves(info)) {
             match &mut inst.state {
                 InstanceState::Up { peer, .. } => {
                     let peer = peer.clone();

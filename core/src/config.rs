@@ -163,6 +163,27 @@ pub struct ManagerConfig {
     pub resilience: ResilienceConfig,
     /// Service mode: the application counts as down after this many failed checks in a row.
     pub app_down_after: u32,
+    /// Deliberate defects, for tests only (none by default).
+    pub defects: Defects,
+}
+
+/// Deliberate defects a test can switch on to show that a simulation invariant
+/// catches the broken rule it guards. All off by default; nothing outside tests sets
+/// them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Defects {
+    /// A request that joins a discovery already under way is dropped unanswered
+    /// (breaks: every request is answered by its deadline).
+    pub drop_joining_requests: bool,
+    /// Candidates are used whatever their RTT: instances and allocators over the hard
+    /// limit, and measurements of any age (breaks: no selection over the hard limit).
+    pub ignore_hard_limit: bool,
+    /// Allocator: every start request starts an instance of its own (breaks: starts
+    /// per allocator per service per window; one live instance per allocator).
+    pub start_per_request: bool,
+    /// A peer that failed a request is never picked again (breaks: recovery after
+    /// the faults heal).
+    pub eject_forever: bool,
 }
 
 impl Default for ManagerConfig {
@@ -182,6 +203,7 @@ impl Default for ManagerConfig {
             soft_grace: DEFAULT_SOFT_GRACE,
             resilience: ResilienceConfig::default(),
             app_down_after: 2,
+            defects: Defects::default(),
         }
     }
 }
@@ -275,6 +297,8 @@ pub struct AllocatorConfig {
     pub idle_query_timeout: Duration,
     /// Directories whose programs `Exec` services may run (none: no programs run).
     pub exec_roots: Vec<String>,
+    /// Deliberate defects, for tests only (none by default).
+    pub defects: Defects,
 }
 
 impl Default for AllocatorConfig {
@@ -288,6 +312,7 @@ impl Default for AllocatorConfig {
             start_timeout: Duration::from_secs(30),
             idle_query_timeout: Duration::from_secs(5),
             exec_roots: Vec::new(),
+            defects: Defects::default(),
         }
     }
 }

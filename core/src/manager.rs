@@ -18,7 +18,7 @@ use crate::io::{Event, OpResult, Outcome};
 use crate::peer_cache::{PeerCache, PeerCacheOutput};
 use crate::perf::{Class, PerfSample, Requirements};
 use crate::registry_cache::Resolution;
-use crate::resilience::{Ejections, RetryBudget};
+use crate::resilience::{Ejections, RetryBudget, FAILED_A_REQUEST};
 use crate::time::{earliest, Instant};
 use crate::types::{ContentHash, DhtKey, PeerAddr, PeerId, ReqId, ServiceInfo};
 use crate::wire::{Request, Response};
@@ -32,6 +32,8 @@ pub const UNTRUSTED_FOR: Duration = Duration::from_secs(600);
 const FAILED_TRUST: &str = "failed the trust check";
 /// Service infos of cached services kept before those with no cached instance are dropped.
 const KNOWN_KEEP: usize = 256;
+/// "For good" (the `eject_forever` defect).
+const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// Shortest interval between two copies of a control message (a zero setting would
 /// send copies at one instant forever).
 const MIN_RETRY: Duration = Duration::from_millis(1);
@@ -391,6 +393,9 @@ impl Manager {
             return self.respond(req, Outcome::Route { instance, service: info.hash, try_timeout });
         }
         match self.discoveries.get_mut(name) {
+            Some(_) if self.config.defects.drop_joining_requests => {
+                self.requests.remove(&req);
+            }
             Some(d) => d.waiters.push(req),
             None => self.start_discovery(now, info, Purpose::Serve, vec![req]),
         }
@@ -398,7 +403,10 @@ impl Manager {
 
     /// Forwarding to `peer` failed: it is no longer trusted for `service`.
     pub fn route_failed(&mut self, now: Instant, service: &ContentHash, peer: &PeerId, reason: &str) {
-        self.ejected.eject(now, peer, &self.config.resilience);
+        match self.config.defects.eject_forever {
+            true => self.ejected.eject_for(now, peer, FOREVER, self.config.resilience.max_ejected, FAILED_A_REQUEST),
+            false => self.ejected.eject(now, peer, &self.config.resilience),
+        }
         self.cache.remove(service, peer, &format!("request failed: {reason}"));
         self.drain_cache(now);
     }
@@ -679,7 +687,9 @@ impl Manager {
     fn check_round(&mut self, now: Instant, name: &str) {
         let Some(d) = self.discoveries.get(name) else { return };
         let reqs = d.requirements;
-        let within_hard = |m: &Measured| reqs.classify(Some(&PerfSample::rtt(m.rtt))) != Class::HardViolated;
+        let ignore_hard = self.config.defects.ignore_hard_limit;
+        let within_hard =
+            |m: &Measured| ignore_hard || reqs.classify(Some(&PerfSample::rtt(m.rtt))) != Class::HardViolated;
         match &d.phase {
             Phase::ProbingInstances(round) if round.is_done(now) => {
                 let found: Vec<Measured> = round.sorted().into_iter().filter(within_hard).collect();
@@ -744,7 +754,7 @@ impl Manager {
     /// Act on candidate `m` as `then` says, once its measurement is fresh: a candidate
     /// measured too long ago is probed again first (links change, and are cut).
     fn select(&mut self, now: Instant, name: &str, m: Measured, then: Then) {
-        if now.saturating_since(m.at) <= self.config.fresh_measurement {
+        if now.saturating_since(m.at) <= self.config.fresh_measurement || self.config.defects.ignore_hard_limit {
             return match then {
                 Then::Choose => self.choose(now, name, m.peer, m.rtt),
                 Then::ServeMeanwhile => self.serve_meanwhile(now, name, m),

@@ -344,7 +344,7 @@ fn apply(sim: &mut turmoil::Sim<'_>, ctx: &Ctx, fault: &Fault, at: Duration, h: 
             h.changes.push((at, NetChange::Rtt(a.clone(), b.clone(), *rtt_ms)));
         }
         Fault::LatencySweep { .. } => unreachable!("expanded before the run"),
-        Fault::Loss { a, b, rate } => sim.set_link_fail_rate(a.as_str(), b.as_str(), *rate),
+        Fault::Loss { a, b, rate } => ctx.loss.set(a, b, *rate),
         Fault::SlowStart { node, boot_delay_ms } => {
             ctx.boot_delays.borrow_mut().insert(node.clone(), Duration::from_millis(*boot_delay_ms));
         }
@@ -420,9 +420,6 @@ fn check(scenario: &Scenario, report: &Report, history: &NetHistory, ctx: &Ctx) 
             v.push(format!("{not_ok} requests failed or timed out, expected at most {max}"));
         }
     }
-    let allocators = scenario.allocators().len() as u64;
-    let disruptive = scenario.expanded_schedule().iter().filter(|s| s.fault.is_disruptive()).count() as u64;
-    let gone = report.count_events(|e| matches!(e, Event::InstanceGone { .. } | Event::InstanceCulled { .. })) as u64;
     for s in &scenario.services {
         let starts = report.starts_of(&s.name) as u64;
         if let Some(max) = inv.max_starts_per_service {
@@ -430,41 +427,46 @@ fn check(scenario: &Scenario, report: &Report, history: &NetHistory, ctx: &Ctx) 
                 v.push(format!("{starts} instances of {} were started, expected at most {max}", s.name));
             }
         }
-        if inv.bounded_allocations {
-            let bound = allocators * (1 + disruptive + gone);
-            if starts > bound {
-                v.push(format!(
-                    "{starts} instances of {} were started, over the bound {bound} = {allocators} allocators × (1 + {disruptive} faults + {gone} instances gone)",
-                    s.name
-                ));
-            }
-        }
+    }
+    if inv.bounded_allocations {
+        let t = &scenario.tuning;
+        v.extend(starts_over_the_bound(&report.trace.records(), t.max_starts_per_window, ms(t.start_window_ms)));
     }
     if inv.no_hard_violating_selection {
-        let window = Duration::from_millis(scenario.tuning.selection_window_ms);
         let hosts = ctx.instance_hosts.borrow();
         let svc_of_hash: BTreeMap<String, String> = scenario
             .services
             .iter()
             .filter_map(|s| ctx.service_info(&s.name).map(|i| (i.hash.0, s.name.clone())))
             .collect();
-        let mut bad = Vec::new();
+        let hard_of = |hash: &str| {
+            let name = svc_of_hash.get(hash).cloned().unwrap_or_else(|| hash.to_string());
+            scenario.limits_of(&name).hard_ms as f64
+        };
+        let host_of = |instance: &str| hosts.get(instance).cloned().unwrap_or_else(|| instance.to_string());
+        let age = ms(scenario.tuning.measurement_age_ms);
+        let window = ms(scenario.tuning.selection_window_ms);
+        let (mut chosen, mut routed) = (Vec::new(), Vec::new());
         for r in report.trace.records() {
-            let Kind::Routed { service, instance } = &r.kind else { continue };
-            let host = hosts.get(instance).cloned().unwrap_or_else(|| instance.clone());
-            let name = svc_of_hash.get(service).cloned().unwrap_or_else(|| service.clone());
-            let hard = scenario.limits_of(&name).hard_ms as f64;
-            let from = r.at.saturating_sub(window);
-            if host != r.node && history.bad_throughout(&r.node, &host, hard, from, r.at) {
+            let (service, instance, look_back, bad) = match &r.kind {
+                Kind::Core(Event::Selected { service, instance, .. }) => (&service.0, &instance.0, age, &mut chosen),
+                Kind::Routed { service, instance } => (service, instance, window, &mut routed),
+                _ => continue,
+            };
+            let host = host_of(instance);
+            let from = r.at.saturating_sub(look_back);
+            if host != r.node && history.bad_throughout(&r.node, &host, hard_of(service), from, r.at) {
                 bad.push(format!("{} -> {instance} at {:?}", r.node, r.at));
             }
         }
-        if !bad.is_empty() {
-            v.push(format!(
-                "{} requests were routed to an instance over the hard limit: {}",
-                bad.len(),
-                bad.iter().take(5).cloned().collect::<Vec<_>>().join("; ")
-            ));
+        for (what, bad) in [("selected", chosen), ("routed from the cache", routed)] {
+            if !bad.is_empty() {
+                v.push(format!(
+                    "{} instances {what} over the hard limit (or cut): {}",
+                    bad.len(),
+                    bad.iter().take(5).cloned().collect::<Vec<_>>().join("; ")
+                ));
+            }
         }
     }
     if let Some(within) = inv.recover_within_ms {
@@ -502,6 +504,38 @@ fn check(scenario: &Scenario, report: &Report, history: &NetHistory, ctx: &Ctx) 
         if let Kind::NodeStarted { .. } = &r.kind {
             // A restarted allocator starts from nothing.
             live.retain(|(n, _), _| *n != r.node);
+        }
+    }
+    v
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// Allocators that started more than `max` instances of one service within some
+/// `window` (each run of an allocator counted on its own).
+fn starts_over_the_bound(records: &[Record], max: u64, window: Duration) -> Vec<String> {
+    let mut starts: BTreeMap<(String, String), Vec<Duration>> = BTreeMap::new();
+    let mut v = Vec::new();
+    for r in records {
+        match &r.kind {
+            Kind::NodeStarted { .. } => starts.retain(|(node, _), _| *node != r.node),
+            Kind::Core(Event::InstanceStarting { service, .. }) => {
+                let times = starts.entry((r.node.clone(), service.clone())).or_default();
+                times.retain(|t| *t + window > r.at);
+                times.push(r.at);
+                if times.len() as u64 > max {
+                    v.push(format!(
+                        "allocator {} started {} instances of {service} within {:?} (at most {max}), the last at {:?}",
+                        r.node,
+                        times.len(),
+                        window,
+                        r.at
+                    ));
+                }
+            }
+            _ => {}
         }
     }
     v

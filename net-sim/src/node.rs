@@ -4,10 +4,10 @@
 
 use crate::app::{self, ClientResult};
 use crate::dht::{self, AbortOnDrop, ServerConfig};
-use crate::scenario::{Role, Scenario};
+use crate::scenario::{Defect, Role, Scenario};
 use crate::trace::{sim_now, Kind, Trace};
-use crate::transport::{Endpoint, EndpointConfig, SimConnector, SimListener, SimTransport};
-use physarum_core::config::{AllocatorConfig, NodeConfig};
+use crate::transport::{Endpoint, EndpointConfig, LossModel, SimConnector, SimListener, SimTransport};
+use physarum_core::config::{AllocatorConfig, Defects, NodeConfig};
 use physarum_core::io::Output;
 use physarum_core::perf::Requirements;
 use physarum_core::time::Instant;
@@ -89,6 +89,8 @@ pub struct Ctx {
     /// The applications running now: instance (or service node) → where and whether hung.
     apps: RefCell<BTreeMap<String, RunningApp>>,
     pub runtime: RuntimeConfig,
+    /// Message loss on the links (`Fault::Loss`), applied by every node's transport.
+    pub loss: LossModel,
 }
 
 impl Ctx {
@@ -112,6 +114,7 @@ impl Ctx {
             }
         }
         Rc::new(Ctx {
+            loss: LossModel::new(seed ^ 0x1055),
             seed,
             trace,
             requests: RefCell::new(requests),
@@ -210,11 +213,28 @@ impl Ctx {
         c.trust = TrustConfig::new(Operators::new(vec![self.key("operator").public()]), SIM_UNIX_AT_ZERO);
         c.manager.advertise_interval = Duration::from_millis(self.scenario.tuning.advertise_interval_ms);
         c.manager.soft_grace = Duration::from_millis(self.scenario.tuning.soft_grace_ms);
+        c.manager.defects = self.defects();
         c
     }
 
+    /// The deliberate defects the scenario switches on.
+    fn defects(&self) -> Defects {
+        let mut d = Defects::default();
+        for defect in &self.scenario.tuning.defects {
+            match defect {
+                Defect::DropJoiningRequests => d.drop_joining_requests = true,
+                Defect::IgnoreHardLimit => d.ignore_hard_limit = true,
+                Defect::StartPerRequest => d.start_per_request = true,
+                Defect::EjectForever => d.eject_forever = true,
+            }
+        }
+        d
+    }
+
     fn endpoint(&self, peer: &PeerId, host: &str, port: u16) -> EndpointConfig {
-        EndpointConfig::new(peer.clone(), host, port, self.scenario.bootstraps())
+        let mut ep = EndpointConfig::new(peer.clone(), host, port, self.scenario.bootstraps());
+        ep.loss = self.loss.clone();
+        ep
     }
 }
 
@@ -300,6 +320,7 @@ pub async fn host_main(ctx: Rc<Ctx>, name: String) -> turmoil::Result {
                 max_instances: spec.max_instances,
                 cull_interval: Duration::from_millis(spec.cull_interval_ms),
                 idle_limit: Duration::from_millis(spec.idle_limit_ms),
+                defects: ctx.defects(),
                 ..AllocatorConfig::default()
             });
             let key = ctx.key(&name);

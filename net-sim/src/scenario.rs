@@ -202,7 +202,8 @@ pub enum Fault {
     /// (the first step at `at_ms`, reaching `to_ms` after `steps` steps).
     LatencySweep { a: String, b: String, from_ms: f64, to_ms: f64, steps: u32, every_ms: u64 },
     /// Lose messages between `a` and `b` at random with this probability per
-    /// message (0 repairs). turmoil drops what is in flight on the link too.
+    /// message, both ways (0 repairs): a datagram is gone, a stream segment is sent
+    /// again after TCP's retransmission timeout.
     Loss { a: String, b: String, rate: f64 },
     /// From now on, this allocator's instances take this long to start.
     SlowStart { node: String, boot_delay_ms: u64 },
@@ -293,11 +294,17 @@ pub struct Invariants {
     /// At most this many instances are started per service over the whole run.
     #[serde(default)]
     pub max_starts_per_service: Option<u64>,
-    /// Starts per service stay within allocators × (1 + disruptive faults + instances gone).
+    /// No allocator starts more than `tuning.max_starts_per_window` instances of one
+    /// service within any `tuning.start_window_ms` (counted per run of the allocator:
+    /// a restarted one starts from nothing).
     #[serde(default)]
     pub bounded_allocations: bool,
-    /// No request is routed to an instance whose link was over the service's hard
-    /// RTT limit (or cut) during the whole `selection_window_ms` before.
+    /// Every selection a client makes (`Event::Selected`) is of an instance whose link
+    /// is up and within the service's hard RTT limit at that moment (or was at some
+    /// moment of the `tuning.measurement_age_ms` before: the probe it rests on); and
+    /// no request is routed, from the peer cache, to an instance whose link was over
+    /// the hard limit (or cut) during the whole `selection_window_ms` before (the time
+    /// the cache needs to notice: two lost probes and their timeouts).
     #[serde(default)]
     pub no_hard_violating_selection: bool,
     /// Requests sent this long after the last disruptive fault was healed all succeed.
@@ -328,6 +335,29 @@ pub struct Tuning {
     /// `request_deadline`); keep it under the workloads' `deadline_ms`.
     #[serde(default = "default_request_deadline")]
     pub request_deadline_ms: u64,
+    /// How old the measurement behind a selection may be (the core's
+    /// `fresh_measurement`).
+    #[serde(default = "default_measurement_age")]
+    pub measurement_age_ms: u64,
+    /// `bounded_allocations`: at most this many starts ...
+    #[serde(default = "default_max_starts")]
+    pub max_starts_per_window: u64,
+    /// ... of one service on one allocator within any window this long.
+    #[serde(default = "default_start_window")]
+    pub start_window_ms: u64,
+    /// Deliberate defects switched on in every node's core (tests of the invariants).
+    #[serde(default)]
+    pub defects: Vec<Defect>,
+}
+
+/// A deliberate defect of the core (see `physarum_core::config::Defects`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Defect {
+    DropJoiningRequests,
+    IgnoreHardLimit,
+    StartPerRequest,
+    EjectForever,
 }
 
 impl Default for Tuning {
@@ -339,6 +369,10 @@ impl Default for Tuning {
             soft_grace_ms: default_grace(),
             selection_window_ms: default_selection_window(),
             request_deadline_ms: default_request_deadline(),
+            measurement_age_ms: default_measurement_age(),
+            max_starts_per_window: default_max_starts(),
+            start_window_ms: default_start_window(),
+            defects: Vec::new(),
         }
     }
 }
@@ -360,7 +394,19 @@ fn default_grace() -> u64 {
 }
 
 fn default_selection_window() -> u64 {
-    2_500
+    3_000
+}
+
+fn default_measurement_age() -> u64 {
+    100
+}
+
+fn default_max_starts() -> u64 {
+    1
+}
+
+fn default_start_window() -> u64 {
+    10_000
 }
 
 fn default_request_deadline() -> u64 {
