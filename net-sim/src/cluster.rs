@@ -514,23 +514,35 @@ fn ms(n: u64) -> Duration {
 }
 
 /// Allocators that started more than `max` instances of one service within some
-/// `window` (each run of an allocator counted on its own).
+/// `window`, beyond one more for each instance of it that ended there in that window
+/// (each run of an allocator counted on its own: a restarted one starts from nothing).
 fn starts_over_the_bound(records: &[Record], max: u64, window: Duration) -> Vec<String> {
+    // (allocator, service) → times of starts, and of instances ending.
     let mut starts: BTreeMap<(String, String), Vec<Duration>> = BTreeMap::new();
+    let mut ends: BTreeMap<(String, String), Vec<Duration>> = BTreeMap::new();
     let mut v = Vec::new();
     for r in records {
         match &r.kind {
-            Kind::NodeStarted { .. } => starts.retain(|(node, _), _| *node != r.node),
+            Kind::NodeStarted { .. } => {
+                starts.retain(|(node, _), _| *node != r.node);
+                ends.retain(|(node, _), _| *node != r.node);
+            }
+            Kind::Core(Event::InstanceCulled { service, .. } | Event::InstanceGone { service, .. }) => {
+                ends.entry((r.node.clone(), service.clone())).or_default().push(r.at);
+            }
             Kind::Core(Event::InstanceStarting { service, .. }) => {
-                let times = starts.entry((r.node.clone(), service.clone())).or_default();
-                times.retain(|t| *t + window > r.at);
+                let key = (r.node.clone(), service.clone());
+                let recent = |t: &Duration| *t + window > r.at;
+                let times = starts.entry(key.clone()).or_default();
+                times.retain(recent);
                 times.push(r.at);
-                if times.len() as u64 > max {
+                let ended = ends.get(&key).map_or(0, |e| e.iter().filter(|t| recent(t)).count()) as u64;
+                if times.len() as u64 > max + ended {
                     v.push(format!(
-                        "allocator {} started {} instances of {service} within {:?} (at most {max}), the last at {:?}",
+                        "allocator {} started {} instances of {service} within {window:?} (at most {max}, \
+                         plus {ended} for instances that ended), the last at {:?}",
                         r.node,
                         times.len(),
-                        window,
                         r.at
                     ));
                 }
@@ -568,6 +580,33 @@ mod tests {
         assert!(!h.bad_throughout("c", "i", 100.0, s(31), s(33)));
         // Healed at 20 s, 4 ms again.
         assert!(!h.bad_throughout("c", "i", 10.0, s(21), s(23)));
+    }
+
+    #[test]
+    fn the_start_bound_counts_per_allocator_service_and_window() {
+        let rec = |s: u64, node: &str, e: Event| Record { at: Duration::from_secs(s), node: node.into(), kind: Kind::Core(e) };
+        let start = |s: u64, node: &str, svc: &str| {
+            rec(s, node, Event::InstanceStarting { instance: physarum_core::types::InstanceId(s), service: svc.into() })
+        };
+        let gone = |s: u64, node: &str, svc: &str| {
+            let instance = physarum_core::types::InstanceId(s);
+            rec(s, node, Event::InstanceGone { instance, service: svc.into(), reason: "exited".into() })
+        };
+        let w = Duration::from_secs(10);
+        // Other allocators, other services, or outside the window: fine.
+        let ok = vec![start(1, "a", "x"), start(2, "b", "x"), start(3, "a", "y"), start(12, "a", "x")];
+        assert!(starts_over_the_bound(&ok, 1, w).is_empty());
+        // Twice within 10 s on one allocator: over.
+        let twice = vec![start(1, "a", "x"), start(5, "a", "x")];
+        assert_eq!(starts_over_the_bound(&twice, 1, w).len(), 1);
+        assert!(starts_over_the_bound(&twice, 2, w).is_empty());
+        // Unless the first instance ended meanwhile.
+        let again = vec![start(1, "a", "x"), gone(3, "a", "x"), start(5, "a", "x")];
+        assert!(starts_over_the_bound(&again, 1, w).is_empty());
+        // A restarted allocator starts from nothing.
+        let restarted =
+            vec![start(1, "a", "x"), Record { at: Duration::from_secs(2), node: "a".into(), kind: Kind::NodeStarted { incarnation: 2 } }, start(3, "a", "x")];
+        assert!(starts_over_the_bound(&restarted, 1, w).is_empty());
     }
 
     #[test]

@@ -7,6 +7,8 @@
 use physarum_net_sim::{run, Report, Scenario};
 use std::time::Duration;
 
+pub mod faults;
+
 /// First seed of the default sequence.
 pub const BASE_SEED: u64 = 0x5EED_0001;
 

@@ -177,13 +177,21 @@ fn partition_between_client_and_instance_switches_at_once() {
 
 /// Soft limit 5 ms, hard 20 ms; the used instance's RTT rises to 8 ms at 10 s.
 ///
-/// The soft grace is 3 s here: with the original's peer-cache constants (a soft
-/// violation costs 10 reliability points, an entry under 10 is flushed) a soft-violating
-/// entry is flushed as unreliable after about 5 probes, so a grace over ~4 s never
-/// gets to act (see the report to the lead).
-const GRACE_MS: u64 = 3000;
+/// The shipped soft grace (10 s): a soft violation costs no reliability, so the grace
+/// alone decides when a client looks for a better instance.
+const GRACE_MS: u64 = physarum_core::perf::DEFAULT_SOFT_GRACE.as_millis() as u64;
+
+/// When `client` first measured `peer` over `soft_ms` after `from`.
+fn first_soft_probe(r: &Report, client: &str, peer: &str, soft_ms: u64, from: Duration) -> Duration {
+    events_on(r, client, |e| matches!(e, Event::Probed { peer: p, rtt: Some(rtt) } if p.0 == peer && *rtt > ms(soft_ms)))
+        .into_iter()
+        .map(|(t, _)| t)
+        .find(|t| *t >= from)
+        .expect("a soft-violating probe")
+}
 
 fn slow_peer(name: &str, second_instance: bool) -> ScenarioBuilder {
+    assert_eq!(Tuning::default().soft_grace_ms, GRACE_MS, "the shipped grace");
     let mut b = ScenarioBuilder::new(name, 45_000)
         .service("hello", 5, 20)
         .bootstrap("boot1")
@@ -200,7 +208,6 @@ fn slow_peer(name: &str, second_instance: bool) -> ScenarioBuilder {
     b.requests("client1", "hello", 2000, 40_000, 2.0)
         .at(10_000, Fault::Latency { a: "client1".into(), b: "svc1".into(), rtt_ms: 8.0 })
         .invariants(strict())
-        .tuning(Tuning { soft_grace_ms: GRACE_MS, ..Tuning::default() })
 }
 
 #[test]
@@ -211,9 +218,11 @@ fn slow_peer_soft_violation_moves_after_the_grace() {
         assert_eq!(switched.len(), 1, "{switched:?}");
         let at = switched[0].0;
         assert!(matches!(&switched[0].1, Event::Switched { from, to, .. } if from.0 == "svc1" && to.0 == "svc2"));
-        // Not before the grace; soon after it.
-        let grace_end = ms(10_000 + GRACE_MS);
-        assert!(at >= grace_end && at <= grace_end + secs(2), "switched at {at:?}");
+        // Not before the grace; within grace + 1 s of the violation showing.
+        let seen = first_soft_probe(r, "client1", "svc1", 5, secs(10));
+        let grace_end = seen + ms(GRACE_MS);
+        assert!(at >= grace_end && at <= grace_end + secs(1), "soft from {seen:?}, switched at {at:?}");
+        println!("soft violation from {seen:?} (latency changed at 10 s), switched at {at:?}");
         // Kept on svc1 during the grace (soft only), then svc2.
         assert!(r.served_by().iter().filter(|(t, _)| *t < grace_end).all(|(_, by)| by == "svc1"));
         let seek = events_on(r, "client1", |e| matches!(e, Event::SeekBetter { .. }));
@@ -227,14 +236,17 @@ fn slow_peer_soft_violation_moves_after_the_grace() {
 fn slow_peer_soft_violation_allocates_a_closer_instance_when_none_exists() {
     let s = slow_peer("slow-peer-allocate", false).build().unwrap();
     run_seeds("slow_peer_soft_violation_allocates_a_closer_instance_when_none_exists", &s, 1, |r| {
+        let seen = first_soft_probe(r, "client1", "svc1", 5, secs(10));
+        let grace_end = seen + ms(GRACE_MS);
         let seek = events_on(r, "client1", |e| matches!(e, Event::SeekBetter { .. }));
-        assert!(!seek.is_empty() && seek[0].0 >= ms(10_000 + GRACE_MS), "{seek:?}");
-        assert!(r.served_by().iter().filter(|(t, _)| *t < ms(10_000 + GRACE_MS)).all(|(_, by)| by == "svc1"));
+        assert!(!seek.is_empty() && seek[0].0 >= grace_end, "{seek:?}");
+        assert!(r.served_by().iter().filter(|(t, _)| *t < grace_end).all(|(_, by)| by == "svc1"));
         assert_eq!(r.starts_of("hello"), 1, "a closer instance was allocated");
         let switched = events_on(r, "client1", |e| matches!(e, Event::Switched { .. }));
         assert_eq!(switched.len(), 1, "{switched:?}");
         assert!(matches!(&switched[0].1, Event::Switched { to, .. } if host_of(&to.0) == "alloc1"));
         let at = switched[0].0;
+        assert!(at <= grace_end + secs(1), "soft from {seen:?}, switched (after allocating) at {at:?}");
         assert!(r.served_by().iter().filter(|(t, _)| *t > at + secs(1)).all(|(_, by)| host_of(by) == "alloc1"));
         assert_eq!(r.figures.ok, r.figures.sent, "{}", r.figures_text());
     });
@@ -410,11 +422,13 @@ fn mobile_edge_buses_client_is_served_throughout_and_follows_the_buses() {
     run_seeds("mobile_edge_buses_client_is_served_throughout_and_follows_the_buses", &s, 1, |r| {
         let sent = r.figures.sent;
         assert!(r.figures.ok * 100 >= sent * 97, "served throughout: {}", r.figures_text());
-        // The serving bus follows the buses' order.
+        // The serving bus follows the buses' order (a bus already passed may serve
+        // again for a moment while a closer instance is being allocated, as long as
+        // it is within the hard limit: the invariants check that).
         let mut order: Vec<String> = Vec::new();
         for (_, by) in r.served_by() {
             let h = host_of(&by).to_string();
-            if order.last() != Some(&h) {
+            if !order.contains(&h) {
                 order.push(h);
             }
         }
@@ -516,9 +530,9 @@ fn provider_records_outlive_their_ttl_and_a_bootstrap_restart_by_re_advertising(
 
 #[test]
 fn message_loss_requests_are_answered_and_succeed_again_after_it() {
-    // 5 % loss between the client and its instance for 10 s. turmoil's TCP does not
-    // retransmit, so a tunnel stream that loses a segment stalls: the proxy must
-    // still answer (504 at its 30 s deadline) and move on.
+    // 5 % loss between the client and its instance for 10 s: datagrams are lost,
+    // stream segments are retransmitted (a delay). Whatever fails must fail with an
+    // explicit answer from the proxy, and everything succeeds again after it.
     let s = base("message-loss", 90_000)
         .service_node("svc1", "hello")
         .service_node("svc2", "hello")
