@@ -605,7 +605,9 @@ impl Manager {
                     }
                 }
             }
-            (Phase::Allocating { order, next, mut asking }, None) if now >= asking.retry_at && now < asking.deadline => {
+            (Phase::Allocating { order, next, mut asking }, None)
+                if now >= asking.retry_at && now < asking.deadline =>
+            {
                 // No answer yet: the request or its answer may have been lost. Send it again.
                 if let Some(allocator) = next.checked_sub(1).and_then(|i| order.get(i)).map(|a| a.peer.clone()) {
                     let token = self.token();

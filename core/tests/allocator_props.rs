@@ -30,6 +30,7 @@ fn config() -> AllocatorConfig {
         start_timeout: Duration::from_secs(30),
         idle_query_timeout: Duration::from_secs(5),
         exec_roots: Vec::new(),
+        ..AllocatorConfig::default()
     }
 }
 

@@ -102,7 +102,10 @@ fn soft_violating_instance_triggers_allocation_of_a_closer_one() {
     w.run_for(secs(3));
     // The slow instance serves at once; the closer one replaces it when it is up.
     assert_eq!(w.routed_to(req).as_deref(), Some("slow"));
-    assert!(w.events().iter().any(|e| matches!(e, Event::Switched { from, to, .. } if from.0 == "slow" && to.0 == "close")));
+    assert!(w
+        .events()
+        .iter()
+        .any(|e| matches!(e, Event::Switched { from, to, .. } if from.0 == "slow" && to.0 == "close")));
     assert_eq!(w.allocate_requests(), 1, "only allocators closer than the slow instance are asked");
     let later = w.request("svc", secs(5));
     assert_eq!(w.routed_to(later).as_deref(), Some("close"));
@@ -402,7 +405,10 @@ fn a_rogue_registry_is_skipped_and_its_forged_entry_never_used() {
 }
 
 /// A client with the shipped defaults except for `change`.
-fn world_with(services: &[&physarum_core::types::ServiceInfo], change: impl FnOnce(&mut physarum_core::config::NodeConfig)) -> World {
+fn world_with(
+    services: &[&physarum_core::types::ServiceInfo],
+    change: impl FnOnce(&mut physarum_core::config::NodeConfig),
+) -> World {
     let mut config = physarum_core::config::NodeConfig::new(
         PeerId("client".into()),
         physarum_core::perf::Requirements::rtt(ms(100), ms(1000)),
@@ -466,13 +472,17 @@ fn requests_use_the_instance_in_hand_while_a_better_one_is_allocated() {
 fn allocators_over_the_hard_limit_are_never_asked() {
     let svc = service("svc", 50, 200);
     let mut w = World::new([&svc]);
-    w.add_allocator("far", ms(300), AllocatorBehaviour::Start { instance: peer("useless"), rtt: ms(300), in_dht: false });
+    w.add_allocator(
+        "far",
+        ms(300),
+        AllocatorBehaviour::Start { instance: peer("useless"), rtt: ms(300), in_dht: false },
+    );
     w.add_allocator("near", ms(20), AllocatorBehaviour::Refuse("full".into()));
     let req = w.request("svc", secs(20));
     w.run_for(secs(15));
-    let asked_far = w.count(|o| {
-        matches!(o, Output::SendRequest { peer, request: Request::Allocate { .. }, .. } if peer.peer.0 == "far")
-    });
+    let asked_far = w.count(
+        |o| matches!(o, Output::SendRequest { peer, request: Request::Allocate { .. }, .. } if peer.peer.0 == "far"),
+    );
     assert_eq!(asked_far, 0, "an allocator over the hard limit was asked to start an instance");
     assert!(w.allocate_requests() >= 1, "the one within the limit was asked");
     assert_eq!(status(&w, req).0, 503);
@@ -529,7 +539,10 @@ fn with_the_shipped_defaults_a_persistent_soft_violation_moves_within_grace_plus
     let slow_since = w.now;
     let grace = physarum_core::config::ManagerConfig::default().soft_grace;
     w.run_for(grace - ms(500));
-    assert!(!w.events().iter().any(|e| matches!(e, Event::Switched { .. } | Event::Evicted { .. })), "kept during the grace");
+    assert!(
+        !w.events().iter().any(|e| matches!(e, Event::Switched { .. } | Event::Evicted { .. })),
+        "kept during the grace"
+    );
     let during = w.request("svc", secs(5));
     assert_eq!(w.routed_to(during).as_deref(), Some("i1"));
     w.run_for(secs(3));

@@ -584,7 +584,11 @@ mod tests {
 
     #[test]
     fn the_start_bound_counts_per_allocator_service_and_window() {
-        let rec = |s: u64, node: &str, e: Event| Record { at: Duration::from_secs(s), node: node.into(), kind: Kind::Core(e) };
+        let rec = |s: u64, node: &str, e: Event| Record {
+            at: Duration::from_secs(s),
+            node: node.into(),
+            kind: Kind::Core(e),
+        };
         let start = |s: u64, node: &str, svc: &str| {
             rec(s, node, Event::InstanceStarting { instance: physarum_core::types::InstanceId(s), service: svc.into() })
         };
@@ -604,8 +608,11 @@ mod tests {
         let again = vec![start(1, "a", "x"), gone(3, "a", "x"), start(5, "a", "x")];
         assert!(starts_over_the_bound(&again, 1, w).is_empty());
         // A restarted allocator starts from nothing.
-        let restarted =
-            vec![start(1, "a", "x"), Record { at: Duration::from_secs(2), node: "a".into(), kind: Kind::NodeStarted { incarnation: 2 } }, start(3, "a", "x")];
+        let restarted = vec![
+            start(1, "a", "x"),
+            Record { at: Duration::from_secs(2), node: "a".into(), kind: Kind::NodeStarted { incarnation: 2 } },
+            start(3, "a", "x"),
+        ];
         assert!(starts_over_the_bound(&restarted, 1, w).is_empty());
     }
 

@@ -131,14 +131,8 @@ struct LossyLink {
 impl SimStream {
     /// `inner`, whose writes from host `from` to host `to` suffer `loss`.
     pub fn new(inner: TcpStream, loss: LossModel, from: &str, to: &str) -> Self {
-        let link = LossyLink {
-            loss,
-            from: from.to_string(),
-            to: to.to_string(),
-            stall: None,
-            rto: MIN_RTO,
-            passed: false,
-        };
+        let link =
+            LossyLink { loss, from: from.to_string(), to: to.to_string(), stall: None, rto: MIN_RTO, passed: false };
         SimStream { inner, link }
     }
 }

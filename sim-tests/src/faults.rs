@@ -100,10 +100,7 @@ pub struct Case {
 }
 
 fn arb_shape() -> impl Strategy<Value = Shape> {
-    (
-        (1usize..=2, 1usize..=2, 1usize..=6, 0usize..=3, 1usize..=5, 1usize..=3),
-        (5u64..=50, 1u64..=10, 100u64..=3000),
-    )
+    ((1usize..=2, 1usize..=2, 1usize..=6, 0usize..=3, 1usize..=5, 1usize..=3), (5u64..=50, 1u64..=10, 100u64..=3000))
         .prop_map(|((boots, registries, allocators, instances, clients, services), (soft_ms, f, boot))| Shape {
             boots,
             registries,
@@ -119,9 +116,8 @@ fn arb_shape() -> impl Strategy<Value = Shape> {
 
 fn arb_fault_of(kind: impl Strategy<Value = FaultKind>) -> impl Strategy<Value = F> {
     let idx = prop::collection::vec(any::<Index>(), 1..3);
-    (kind, idx.clone(), idx, 1u64..400, 5_000u64..30_000, 1_000u64..15_000).prop_map(
-        |(kind, a, b, amount, start_ms, len_ms)| F { kind, a, b, amount, start_ms, len_ms },
-    )
+    (kind, idx.clone(), idx, 1u64..400, 5_000u64..30_000, 1_000u64..15_000)
+        .prop_map(|(kind, a, b, amount, start_ms, len_ms)| F { kind, a, b, amount, start_ms, len_ms })
 }
 
 /// A case that holds a fault of `forced` kind, plus up to four random ones.
@@ -187,7 +183,8 @@ fn pick(ix: &[Index], from: &[String]) -> Vec<String> {
 fn faults_of(f: &F, n: &Names, base_rtt: &BTreeMap<(String, String), f64>) -> Option<(Fault, Fault)> {
     let node = |from: &[String]| (!from.is_empty()).then(|| f.a[0].get(from).clone());
     let crash = |node: String| (Fault::Crash { node: node.clone() }, Fault::Restart { node });
-    let cut = |a: Vec<String>, b: Vec<String>| (Fault::Partition { a: a.clone(), b: b.clone() }, Fault::Repair { a, b });
+    let cut =
+        |a: Vec<String>, b: Vec<String>| (Fault::Partition { a: a.clone(), b: b.clone() }, Fault::Repair { a, b });
     Some(match f.kind {
         FaultKind::PartitionClients => cut(pick(&f.a, &n.clients), pick(&f.b, &n.instance_hosts())),
         FaultKind::PartitionRegistry => {
@@ -212,10 +209,7 @@ fn faults_of(f: &F, n: &Names, base_rtt: &BTreeMap<(String, String), f64>) -> Op
             if f.kind == FaultKind::Latency {
                 let back = base_rtt.get(&(c.clone(), o.clone())).copied().unwrap_or(2.0);
                 let rtt_ms = f.amount as f64;
-                (
-                    Fault::Latency { a: c.clone(), b: o.clone(), rtt_ms },
-                    Fault::Latency { a: c, b: o, rtt_ms: back },
-                )
+                (Fault::Latency { a: c.clone(), b: o.clone(), rtt_ms }, Fault::Latency { a: c, b: o, rtt_ms: back })
             } else {
                 let rate = (f.amount % 10 + 1) as f64 / 100.0;
                 (Fault::Loss { a: c.clone(), b: o.clone(), rate }, Fault::Loss { a: c, b: o, rate: 0.0 })
@@ -303,7 +297,11 @@ pub fn case_tree(seed: u64, forced: FaultKind) -> impl ValueTree<Value = Case> {
 /// Shrink the failing case of `tree` with proptest's shrinking: simplify while it
 /// still fails (`fails`), step back when it stops failing, for at most `max_runs`
 /// calls of `fails`. Returns the simplest failing case found and the runs used.
-pub fn shrink<T: ValueTree<Value = Case>>(tree: &mut T, max_runs: usize, fails: impl Fn(&Case) -> bool) -> (Case, usize) {
+pub fn shrink<T: ValueTree<Value = Case>>(
+    tree: &mut T,
+    max_runs: usize,
+    fails: impl Fn(&Case) -> bool,
+) -> (Case, usize) {
     let mut best = tree.current();
     let mut runs = 0;
     if !tree.simplify() {

@@ -183,11 +183,15 @@ const GRACE_MS: u64 = physarum_core::perf::DEFAULT_SOFT_GRACE.as_millis() as u64
 
 /// When `client` first measured `peer` over `soft_ms` after `from`.
 fn first_soft_probe(r: &Report, client: &str, peer: &str, soft_ms: u64, from: Duration) -> Duration {
-    events_on(r, client, |e| matches!(e, Event::Probed { peer: p, rtt: Some(rtt) } if p.0 == peer && *rtt > ms(soft_ms)))
-        .into_iter()
-        .map(|(t, _)| t)
-        .find(|t| *t >= from)
-        .expect("a soft-violating probe")
+    events_on(
+        r,
+        client,
+        |e| matches!(e, Event::Probed { peer: p, rtt: Some(rtt) } if p.0 == peer && *rtt > ms(soft_ms)),
+    )
+    .into_iter()
+    .map(|(t, _)| t)
+    .find(|t| *t >= from)
+    .expect("a soft-violating probe")
 }
 
 fn slow_peer(name: &str, second_instance: bool) -> ScenarioBuilder {

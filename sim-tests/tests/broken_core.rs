@@ -14,7 +14,9 @@ fn with_and_without(test: &str, scenario: Scenario, defect: Defect) -> (Vec<Stri
     let report = run_one(test, &broken, BASE_SEED);
     if std::env::var_os("DEBUG_BROKEN").is_some() {
         eprintln!("{}\n{}", report.summary(), report.timeline());
-        for r in report.requests.iter().filter(|r| !r.ok()) { eprintln!("{r:?}"); }
+        for r in report.requests.iter().filter(|r| !r.ok()) {
+            eprintln!("{r:?}");
+        }
     }
     (sound, report.violations)
 }

@@ -11,7 +11,11 @@ fn mobile_edge_with_one_percent_loss_on_every_mobile_link_succeeds_99_percent() 
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../scenarios/mobile-edge-lossy.json");
     let text = std::fs::read_to_string(path).expect("the scenario file");
     let s = Scenario::from_json(&text).expect("a valid scenario");
-    let lossy = s.schedule.iter().filter(|x| matches!(&x.fault, physarum_net_sim::Fault::Loss { rate, .. } if *rate == 0.01)).count();
+    let lossy = s
+        .schedule
+        .iter()
+        .filter(|x| matches!(&x.fault, physarum_net_sim::Fault::Loss { rate, .. } if *rate == 0.01))
+        .count();
     assert_eq!(lossy, 3, "1 % loss on the three mobile links");
     run_seeds("mobile_edge_with_one_percent_loss_on_every_mobile_link_succeeds_99_percent", &s, 2, |r| {
         let f = &r.figures;

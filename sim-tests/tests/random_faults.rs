@@ -105,9 +105,7 @@ fn run_cases(seeds: &[u64], test: &str) {
 /// Whether `case` passes with `seed` (for shrinking: quietly).
 fn passes(case: &Case, seed: u64) -> bool {
     let (scenario, _) = case.build();
-    physarum_net_sim::run(&scenario, seed)
-        .map(|r| r.violations.is_empty() && r.figures.ok > 0)
-        .unwrap_or(false)
+    physarum_net_sim::run(&scenario, seed).map(|r| r.violations.is_empty() && r.figures.ok > 0).unwrap_or(false)
 }
 
 #[test]
@@ -142,7 +140,12 @@ fn the_cases_that_run_cover_every_fault_kind_and_role() {
         assert!(services >= 2 && registries >= 2, "services {services}, registries {registries}");
         assert!(max_nodes > min_nodes, "sizes {min_nodes}..{max_nodes}");
     }
-    eprintln!("{} cases: {} to {} nodes, up to {services} services and {registries} registries", seeds.len(), min_nodes, max_nodes);
+    eprintln!(
+        "{} cases: {} to {} nodes, up to {services} services and {registries} registries",
+        seeds.len(),
+        min_nodes,
+        max_nodes
+    );
 }
 
 #[test]
@@ -151,7 +154,9 @@ fn a_failing_case_shrinks_to_the_fault_that_fails_it() {
     // it crashes a registry. Shrinking keeps that fault and drops the rest.
     let crashes_registry = |c: &Case| {
         let (s, _) = c.build();
-        s.schedule.iter().any(|x| matches!(&x.fault, physarum_net_sim::Fault::Crash { node } if node.starts_with("registry")))
+        s.schedule
+            .iter()
+            .any(|x| matches!(&x.fault, physarum_net_sim::Fault::Crash { node } if node.starts_with("registry")))
     };
     let seed = (0..200u64)
         .map(|i| sim_tests::BASE_SEED + i)
