@@ -19,11 +19,11 @@ use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use std::collections::BTreeMap;
 
 /// Simulated length of a case.
-pub const DURATION_MS: u64 = 100_000;
-/// Requests are sent until then (their deadlines fall within the run or are in flight).
-pub const REQUESTS_UNTIL_MS: u64 = 85_000;
+pub const DURATION_MS: u64 = 80_000;
+/// Requests are sent until then (those still unanswered at the end count as in flight).
+pub const REQUESTS_UNTIL_MS: u64 = 72_000;
 pub const DEADLINE_MS: u64 = 35_000;
-/// Faults start between 5 and 30 s and last up to 15 s: the last heals by 45 s, and
+/// Faults start between 5 and 25 s and last up to 12 s: the last heals by 37 s, and
 /// requests sent from 30 s after it on must all succeed.
 pub const RECOVERY_MS: u64 = 30_000;
 
@@ -116,7 +116,7 @@ fn arb_shape() -> impl Strategy<Value = Shape> {
 
 fn arb_fault_of(kind: impl Strategy<Value = FaultKind>) -> impl Strategy<Value = F> {
     let idx = prop::collection::vec(any::<Index>(), 1..3);
-    (kind, idx.clone(), idx, 1u64..400, 5_000u64..30_000, 1_000u64..15_000)
+    (kind, idx.clone(), idx, 1u64..400, 5_000u64..25_000, 1_000u64..12_000)
         .prop_map(|(kind, a, b, amount, start_ms, len_ms)| F { kind, a, b, amount, start_ms, len_ms })
 }
 
