@@ -200,7 +200,7 @@ mod tests {
 
     #[test]
     fn a_find_ends_a_grace_after_the_first_providers_or_at_its_deadline() {
-        let t = |ms| Instant::from_micros(ms * 1000);
+        let t = |ms: u64| Instant::from_micros(ms * 1000);
         let mut f = FindEnd::new(t(0), Duration::from_secs(2));
         assert_eq!(f.poll_timeout(), t(2000));
         f.found(t(10), 0);

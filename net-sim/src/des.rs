@@ -20,7 +20,7 @@ use crate::cluster::{check, figures, NetHistory, Report};
 use crate::kad::{self, KadConfig, KadNode, Lookup, LookupStep, Rpc, RpcAnswer};
 use crate::node::{Ctx, Fate, INSTANCE_PORT_BASE, MAX_INSTANCE_ID, NODE_PORT};
 use crate::scenario::{Fault, Role, Scenario};
-use crate::topology::{pair, Topology};
+use crate::topology::{plane_rtt_ms, Topology};
 use crate::trace::{Kind, Trace};
 use physarum_core::config::AllocatorConfig;
 use physarum_core::dht_policy::{startup_failed, Backoff, BootstrapLink, FindEnd, Retry};
@@ -33,7 +33,7 @@ use physarum_core::Node;
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -58,6 +58,8 @@ pub struct LookupSample {
     pub hops: u32,
     pub providers: usize,
     pub took: Duration,
+    /// Until the first provider arrived (the lookup then waits a grace for more).
+    pub first: Option<Duration>,
 }
 
 /// One allocation: how close the allocator a client chose was to the closest one.
@@ -95,6 +97,9 @@ pub struct CostSummary {
     pub hops_p99: u32,
     pub took_p50: Duration,
     pub took_p99: Duration,
+    /// Until the first provider, over the lookups that found one.
+    pub first_p50: Duration,
+    pub first_p99: Duration,
     pub allocations: usize,
     /// Allocators probed per allocation, at most.
     pub probes_max: usize,
@@ -123,6 +128,8 @@ impl DhtStats {
         rpcs.sort_unstable();
         hops.sort_unstable();
         took.sort_unstable();
+        let mut first: Vec<Duration> = self.lookups.iter().filter_map(|l| l.first).collect();
+        first.sort_unstable();
         let sorted_f = |mut v: Vec<f64>| {
             v.sort_by(f64::total_cmp);
             v
@@ -138,6 +145,8 @@ impl DhtStats {
             hops_p99: nearest_rank(&hops, 0.99),
             took_p50: nearest_rank(&took, 0.5),
             took_p99: nearest_rank(&took, 0.99),
+            first_p50: nearest_rank(&first, 0.5),
+            first_p99: nearest_rank(&first, 0.99),
             allocations: self.allocations.len(),
             probes_max: self.allocations.iter().map(|a| a.probed).max().unwrap_or(0),
             excess_p50_ms: nearest_rank(&excess, 0.5),
@@ -149,6 +158,33 @@ impl DhtStats {
 }
 
 type Ix = usize;
+
+/// A scheduled event; the heap pops the earliest, in scheduling order at equal times.
+struct Due {
+    at: u64,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Due {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+
+impl Eq for Due {}
+
+impl PartialOrd for Due {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Due {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        Reverse((self.at, self.seq)).cmp(&Reverse((other.at, other.seq)))
+    }
+}
 
 #[derive(Clone, Debug)]
 enum ReplyTo {
@@ -186,7 +222,7 @@ enum Ev {
 }
 
 enum Purpose {
-    Find { op: OpId, key: String, end: FindEnd, found: BTreeMap<PeerId, PeerAddr> },
+    Find { op: OpId, key: String, end: FindEnd, found: BTreeMap<PeerId, PeerAddr>, first: Option<Instant> },
     Advertise { key: kad::Key },
     Join,
 }
@@ -263,8 +299,7 @@ struct World {
     scenario: Scenario,
     trace: Trace,
     now: Instant,
-    queue: BinaryHeap<Reverse<(u64, u64)>>,
-    events: BTreeMap<u64, Ev>,
+    queue: BinaryHeap<Due>,
     next_seq: u64,
     peers: Vec<Peer>,
     hosts: Vec<Host>,
@@ -273,10 +308,13 @@ struct World {
     by_addr: BTreeMap<String, Ix>,
     by_id: BTreeMap<PeerId, Ix>,
     bootstraps: Vec<String>,
-    topology: Topology,
-    rtt_override: BTreeMap<(String, String), f64>,
-    cut: BTreeMap<(String, String), ()>,
-    loss: BTreeMap<(String, String), f64>,
+    /// Each host pair's RTT at the start, by host index: the listed links, and the
+    /// places on the plane (see [`Topology`]).
+    links: BTreeMap<(usize, usize), f64>,
+    places: Vec<Option<[f64; 2]>>,
+    rtt_override: BTreeMap<(usize, usize), f64>,
+    cut: BTreeSet<(usize, usize)>,
+    loss: BTreeMap<(usize, usize), f64>,
     rng: ChaCha8Rng,
     schedule: Vec<crate::scenario::Scheduled>,
     history: NetHistory,
@@ -307,7 +345,6 @@ pub fn run_des(scenario: &Scenario, seed: u64) -> Result<Report, String> {
         trace: trace.clone(),
         now: Instant::ZERO,
         queue: BinaryHeap::new(),
-        events: BTreeMap::new(),
         next_seq: 0,
         peers: Vec::new(),
         hosts: Vec::new(),
@@ -315,10 +352,11 @@ pub fn run_des(scenario: &Scenario, seed: u64) -> Result<Report, String> {
         by_addr: BTreeMap::new(),
         by_id: BTreeMap::new(),
         bootstraps: scenario.bootstraps(),
-        history: NetHistory::new(topology.clone()),
-        topology,
+        history: NetHistory::new(topology),
+        links: BTreeMap::new(),
+        places: scenario.nodes.iter().map(|n| n.at).collect(),
         rtt_override: BTreeMap::new(),
-        cut: BTreeMap::new(),
+        cut: BTreeSet::new(),
         loss: BTreeMap::new(),
         rng: ChaCha8Rng::seed_from_u64(ctx.node_seed("des-network")),
         schedule: scenario.expanded_schedule(),
@@ -339,6 +377,11 @@ pub fn run_des(scenario: &Scenario, seed: u64) -> Result<Report, String> {
             held: Vec::new(),
         });
     }
+    for l in &scenario.links {
+        if let Some(p) = w.host_pair(&l.a, &l.b) {
+            w.links.insert(p, l.rtt_ms);
+        }
+    }
     // Bootstraps first, so that everyone else finds them up.
     let mut order: Vec<usize> = (0..w.hosts.len()).collect();
     order.sort_by_key(|i| scenario.nodes[*i].role != Role::Bootstrap);
@@ -353,12 +396,11 @@ pub fn run_des(scenario: &Scenario, seed: u64) -> Result<Report, String> {
         w.push(Instant::ZERO + at, Ev::Request(seq));
     }
     let end = Instant::from_micros(scenario.duration_ms * 1000);
-    while let Some(Reverse((t, seq))) = w.queue.pop() {
-        if t >= end.as_micros() {
+    while let Some(Due { at, ev, .. }) = w.queue.pop() {
+        if at >= end.as_micros() {
             break;
         }
-        let Some(ev) = w.events.remove(&seq) else { continue };
-        w.now = Instant::from_micros(t);
+        w.now = Instant::from_micros(at);
         w.stats.events += 1;
         w.handle(ev);
     }
@@ -386,8 +428,7 @@ impl World {
     fn push(&mut self, at: Instant, ev: Ev) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.queue.push(Reverse((at.as_micros().max(self.now.as_micros()), seq)));
-        self.events.insert(seq, ev);
+        self.queue.push(Due { at: at.as_micros().max(self.now.as_micros()), seq, ev });
     }
 
     /// Provider records live this long (the scenario's `record_ttl_ms`, production's by default).
@@ -401,9 +442,25 @@ impl World {
 
     // ---- the network -------------------------------------------------------
 
+    fn host_pair(&self, a: &str, b: &str) -> Option<(usize, usize)> {
+        let (x, y) = (*self.host_ix.get(a)?, *self.host_ix.get(b)?);
+        Some((x.min(y), x.max(y)))
+    }
+
+    /// The RTT between hosts `a` and `b` now, and whether a link or a place sets it.
+    fn link(&self, a: usize, b: usize) -> (f64, bool) {
+        let p = (a.min(b), a.max(b));
+        if let Some(r) = self.rtt_override.get(&p).or_else(|| self.links.get(&p)) {
+            return (*r, true);
+        }
+        match (self.places[a], self.places[b]) {
+            (Some(x), Some(y)) => (plane_rtt_ms(self.scenario.default_rtt_ms, x, y), true),
+            _ => (self.scenario.default_rtt_ms, false),
+        }
+    }
+
     fn rtt_ms(&self, a: usize, b: usize) -> f64 {
-        let (x, y) = (&self.hosts[a].name, &self.hosts[b].name);
-        self.rtt_override.get(&pair(x, y)).copied().unwrap_or_else(|| self.topology.rtt_ms(x, y))
+        self.link(a, b).0
     }
 
     /// One-way delay from host `a` to host `b` now, `None` when the message is lost.
@@ -414,8 +471,8 @@ impl World {
         if !self.hosts[a].up || !self.hosts[b].up {
             return None;
         }
-        let p = pair(&self.hosts[a].name, &self.hosts[b].name);
-        if self.cut.contains_key(&p) {
+        let p = (a.min(b), a.max(b));
+        if self.cut.contains(&p) {
             return None;
         }
         if let Some(rate) = self.loss.get(&p) {
@@ -424,9 +481,10 @@ impl World {
                 return None;
             }
         }
-        let mut d = Duration::from_micros((self.rtt_ms(a, b) * 500.0).round().max(0.0) as u64);
+        let (rtt, set) = self.link(a, b);
+        let mut d = Duration::from_micros((rtt * 500.0).round().max(0.0) as u64);
         let jitter = self.scenario.jitter_ms;
-        if jitter > 0 && !self.rtt_override.contains_key(&p) && !self.topology.is_set(&p.0, &p.1) {
+        if jitter > 0 && !set {
             d += Duration::from_micros(self.rng.next_u64() % (jitter * 1000));
         }
         Some(d)
@@ -725,10 +783,11 @@ impl World {
     }
 
     fn drain(&mut self, ix: Ix) {
-        loop {
-            let Some(out) = self.peers[ix].node.as_mut().and_then(|n| n.poll_output()) else { break };
-            let name = self.name(ix).to_string();
-            self.trace.output_at(at_of(self.now), &name, &out);
+        while let Some(out) = self.peers[ix].node.as_mut().and_then(|n| n.poll_output()) {
+            if matches!(out, Output::Respond { .. } | Output::Event(_) | Output::Advertise { .. }) {
+                let name = self.name(ix).to_string();
+                self.trace.output_at(at_of(self.now), &name, &out);
+            }
             self.execute(ix, out);
             if !self.peers[ix].alive {
                 return;
@@ -747,7 +806,8 @@ impl World {
             Output::Respond { req, outcome } => self.respond(ix, req, outcome),
             Output::FindProviders { op, key, timeout } => {
                 let end = FindEnd::new(self.now, timeout);
-                let purpose = Purpose::Find { op, key: crate::trace::key_text(&key), end, found: BTreeMap::new() };
+                let key_name = crate::trace::key_text(&key);
+                let purpose = Purpose::Find { op, key: key_name, end, found: BTreeMap::new(), first: None };
                 let key = kad::dht_key(&key);
                 // Records this node holds itself count too (as libp2p's local store).
                 let local: Vec<PeerId> = self.peers[ix].kad.store.get(&key, self.now.as_micros());
@@ -809,7 +869,7 @@ impl World {
         let chosen = self.rtt_ms(h, self.peers[a].host);
         let best = (0..self.hosts.len())
             .filter(|x| self.hosts[*x].up && matches!(self.scenario.nodes[*x].role, Role::Allocator(_)))
-            .filter(|x| !self.cut.contains_key(&pair(&self.hosts[h].name, &self.hosts[*x].name)))
+            .filter(|x| !self.cut.contains(&(h.min(*x), h.max(*x))))
             .map(|x| self.rtt_ms(h, x))
             .fold(f64::INFINITY, f64::min);
         self.stats.allocations.push(AllocationSample {
@@ -1096,7 +1156,8 @@ impl World {
         for a in &providers {
             p.kad.saw(a, false);
         }
-        if let Some(Query { purpose: Purpose::Find { end, found, .. }, .. }) = p.queries.get_mut(&query) {
+        if let Some(Query { purpose: Purpose::Find { end, found, first, .. }, .. }) = p.queries.get_mut(&query) {
+            first.get_or_insert(now);
             let before = found.len();
             for a in providers {
                 found.entry(a.peer.clone()).or_insert(a);
@@ -1150,7 +1211,7 @@ impl World {
 
     fn finish_find(&mut self, ix: Ix, query: u64) {
         let Some(q) = self.peers[ix].queries.remove(&query) else { return };
-        let Purpose::Find { op, key, found, .. } = q.purpose else { return };
+        let Purpose::Find { op, key, found, first, .. } = q.purpose else { return };
         let me = self.peers[ix].addr.peer.clone();
         let providers: Vec<PeerAddr> = found.into_values().filter(|p| p.peer != me).collect();
         self.stats.lookups.push(LookupSample {
@@ -1159,6 +1220,7 @@ impl World {
             hops: q.lookup.hops,
             providers: providers.len(),
             took: self.now.saturating_since(q.started),
+            first: first.map(|t| t.saturating_since(q.started)),
         });
         self.input(ix, Input::OpDone { op, result: OpResult::Providers(providers) });
     }
@@ -1175,9 +1237,10 @@ impl World {
             Fault::Partition { a, b } | Fault::Repair { a, b } => {
                 for x in a {
                     for y in b.iter().filter(|y| *y != x) {
+                        let Some(p) = self.host_pair(x, y) else { continue };
                         match fault {
-                            Fault::Partition { .. } => self.cut.insert(pair(x, y), ()),
-                            _ => self.cut.remove(&pair(x, y)),
+                            Fault::Partition { .. } => self.cut.insert(p),
+                            _ => self.cut.remove(&p),
                         };
                     }
                 }
@@ -1193,11 +1256,15 @@ impl World {
                 }
             }
             Fault::Latency { a, b, rtt_ms } => {
-                self.rtt_override.insert(pair(a, b), *rtt_ms);
+                if let Some(p) = self.host_pair(a, b) {
+                    self.rtt_override.insert(p, *rtt_ms);
+                }
             }
             Fault::LatencySweep { .. } => unreachable!("expanded before the run"),
             Fault::Loss { a, b, rate } => {
-                self.loss.insert(pair(a, b), *rate);
+                if let Some(p) = self.host_pair(a, b) {
+                    self.loss.insert(p, *rate);
+                }
             }
             Fault::SlowStart { node, boot_delay_ms } => {
                 self.ctx.boot_delays.borrow_mut().insert(node.clone(), Duration::from_millis(*boot_delay_ms));

@@ -15,6 +15,11 @@ pub fn pair(a: &str, b: &str) -> (String, String) {
     }
 }
 
+/// The RTT between two placed nodes: the default RTT plus their distance.
+pub fn plane_rtt_ms(default_rtt_ms: f64, p: [f64; 2], q: [f64; 2]) -> f64 {
+    default_rtt_ms + ((p[0] - q[0]).powi(2) + (p[1] - q[1]).powi(2)).sqrt()
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Topology {
     default_rtt_ms: f64,
@@ -37,7 +42,7 @@ impl Topology {
             return *r;
         }
         match (self.positions.get(a), self.positions.get(b)) {
-            (Some(p), Some(q)) => self.default_rtt_ms + ((p[0] - q[0]).powi(2) + (p[1] - q[1]).powi(2)).sqrt(),
+            (Some(p), Some(q)) => plane_rtt_ms(self.default_rtt_ms, *p, *q),
             _ => self.default_rtt_ms,
         }
     }

@@ -20,12 +20,12 @@ pub struct Lookup {
     target: Key,
     k: usize,
     alpha: usize,
-    peers: BTreeMap<Distance, (PeerAddr, State)>,
+    /// Known peers by distance to the target: address, state, and the hop it was learnt at.
+    peers: BTreeMap<Distance, (PeerAddr, State, u32)>,
     /// RPCs sent so far (the lookup's message cost, answers not counted).
     pub rpcs: u32,
     /// The most RPCs on one chain of answers: the lookup's hop count.
     pub hops: u32,
-    hop_of: BTreeMap<PeerId, u32>,
 }
 
 /// What to do next.
@@ -41,18 +41,9 @@ pub enum LookupStep {
 
 impl Lookup {
     pub fn new(target: Key, seeds: Vec<PeerAddr>, k: usize, alpha: usize) -> Self {
-        let mut l = Lookup {
-            target,
-            k: k.max(1),
-            alpha: alpha.max(1),
-            peers: BTreeMap::new(),
-            rpcs: 0,
-            hops: 0,
-            hop_of: BTreeMap::new(),
-        };
+        let mut l = Lookup { target, k: k.max(1), alpha: alpha.max(1), peers: BTreeMap::new(), rpcs: 0, hops: 0 };
         for s in seeds {
-            l.hop_of.entry(s.peer.clone()).or_insert(0);
-            l.learn(s);
+            l.learn(s, 0);
         }
         l
     }
@@ -61,26 +52,27 @@ impl Lookup {
         self.target
     }
 
-    fn learn(&mut self, p: PeerAddr) {
+    fn learn(&mut self, p: PeerAddr, hop: u32) {
         let d = Key::of_peer(&p.peer).distance(&self.target);
-        self.peers.entry(d).or_insert((p, State::NotAsked));
+        self.peers.entry(d).or_insert((p, State::NotAsked, hop));
     }
 
-    fn slot(&mut self, peer: &PeerId) -> Option<&mut (PeerAddr, State)> {
+    fn slot(&mut self, peer: &PeerId) -> Option<&mut (PeerAddr, State, u32)> {
         self.peers.get_mut(&Key::of_peer(peer).distance(&self.target))
     }
 
     /// `peer` answered with `closer` peers.
     pub fn answered(&mut self, peer: &PeerId, closer: Vec<PeerAddr>) {
-        match self.slot(peer) {
-            Some(s) if s.1 == State::Waiting => s.1 = State::Answered,
+        let hop = match self.slot(peer) {
+            Some(s) if s.1 == State::Waiting => {
+                s.1 = State::Answered;
+                s.2 + 1
+            }
             _ => return,
-        }
-        let hop = self.hop_of.get(peer).copied().unwrap_or(0) + 1;
+        };
         self.hops = self.hops.max(hop);
         for c in closer {
-            self.hop_of.entry(c.peer.clone()).or_insert(hop);
-            self.learn(c);
+            self.learn(c, hop);
         }
     }
 
@@ -94,7 +86,7 @@ impl Lookup {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.peers.values().filter(|(_, s)| *s == State::Waiting).count()
+        self.peers.values().filter(|(_, s, _)| *s == State::Waiting).count()
     }
 
     /// The next step; RPCs it asks for count as sent.
@@ -103,7 +95,7 @@ impl Lookup {
         let mut to_ask = Vec::new();
         let mut live_seen = 0;
         let mut all_answered = true;
-        for (p, s) in self.peers.values() {
+        for (p, s, _) in self.peers.values() {
             if live_seen >= self.k {
                 break;
             }
@@ -125,9 +117,9 @@ impl Lookup {
             let done = self
                 .peers
                 .values()
-                .filter(|(_, s)| *s == State::Answered)
+                .filter(|(_, s, _)| *s == State::Answered)
                 .take(self.k)
-                .map(|(p, _)| p.clone())
+                .map(|(p, _, _)| p.clone())
                 .collect();
             return LookupStep::Done(done);
         }

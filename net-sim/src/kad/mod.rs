@@ -121,9 +121,15 @@ impl KadNode {
                 None => return,
             }
         }
-        self.book.insert(peer.peer.clone(), peer.addrs.clone());
+        match self.book.get_mut(&peer.peer) {
+            Some(addrs) if *addrs == peer.addrs => {}
+            Some(addrs) => addrs.clone_from(&peer.addrs),
+            None => {
+                self.book.insert(peer.peer.clone(), peer.addrs.clone());
+            }
+        }
         if alive {
-            self.table.insert(peer.peer.clone());
+            self.table.insert(peer.clone());
         }
     }
 
@@ -139,7 +145,7 @@ impl KadNode {
 
     /// The `n` closest peers to `target` in the routing table, with addresses.
     pub fn closest(&self, target: &Key, n: usize) -> Vec<PeerAddr> {
-        self.table.closest(target, n).iter().filter_map(|p| self.addr_of(p)).collect()
+        self.table.closest(target, n)
     }
 
     /// Answer an RPC from `from` at `now_us` (microseconds; records expire by it).

@@ -1,14 +1,14 @@
 //! The routing table: 256 k-buckets by XOR distance from our own key.
 
 use super::key::Key;
-use physarum_core::types::PeerId;
+use physarum_core::types::{PeerAddr, PeerId};
 
 /// Peers by bucket; each bucket holds at most `k`, oldest first.
 #[derive(Clone, Debug)]
 pub struct RoutingTable {
     me: Key,
     k: usize,
-    buckets: Vec<Vec<(Key, PeerId)>>,
+    buckets: Vec<Vec<(Key, PeerAddr)>>,
 }
 
 impl RoutingTable {
@@ -16,12 +16,16 @@ impl RoutingTable {
         RoutingTable { me, k: k.max(1), buckets: vec![Vec::new(); 256] }
     }
 
-    /// Add `peer` (a full bucket keeps its entries: see the module notes). Whether it is in.
-    pub fn insert(&mut self, peer: PeerId) -> bool {
-        let key = Key::of_peer(&peer);
+    /// Add `peer` (a full bucket keeps its entries: see the module notes), or update
+    /// its addresses. Whether it is in.
+    pub fn insert(&mut self, peer: PeerAddr) -> bool {
+        let key = Key::of_peer(&peer.peer);
         let Some(b) = self.me.distance(&key).bucket() else { return false };
         let bucket = &mut self.buckets[b];
-        if bucket.iter().any(|(k, _)| *k == key) {
+        if let Some(slot) = bucket.iter_mut().find(|(k, _)| *k == key) {
+            if slot.1.addrs != peer.addrs {
+                slot.1.addrs = peer.addrs;
+            }
             return true;
         }
         if bucket.len() >= self.k {
@@ -51,10 +55,10 @@ impl RoutingTable {
     }
 
     /// The `n` known peers closest to `target`, closest first.
-    pub fn closest(&self, target: &Key, n: usize) -> Vec<PeerId> {
-        let mut all: Vec<(super::key::Distance, &PeerId)> =
+    pub fn closest(&self, target: &Key, n: usize) -> Vec<PeerAddr> {
+        let mut all: Vec<(super::key::Distance, &PeerAddr)> =
             self.buckets.iter().flatten().map(|(k, p)| (k.distance(target), p)).collect();
-        all.sort();
+        all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         all.into_iter().take(n).map(|(_, p)| p.clone()).collect()
     }
 

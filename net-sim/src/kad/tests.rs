@@ -93,14 +93,14 @@ fn a_full_bucket_keeps_its_peers_and_a_failed_one_frees_its_slot() {
     let me = Key::hash(b"me");
     let mut t = RoutingTable::new(me, 2);
     // Peers of the top bucket (half of all keys fall in it).
-    let top: Vec<PeerId> = (0..100)
-        .map(|i| PeerId(format!("p{i}")))
-        .filter(|p| me.distance(&Key::of_peer(p)).bucket() == Some(255))
+    let top: Vec<PeerAddr> = (0..100)
+        .map(|i| PeerAddr::new(format!("p{i}"), vec![format!("h{i}:1")]))
+        .filter(|p| me.distance(&Key::of_peer(&p.peer)).bucket() == Some(255))
         .take(3)
         .collect();
     assert!(t.insert(top[0].clone()) && t.insert(top[1].clone()));
     assert!(!t.insert(top[2].clone()), "bucket full");
-    t.remove(&top[0]);
+    t.remove(&top[0].peer);
     assert!(t.insert(top[2].clone()));
     assert_eq!(t.len(), 2);
 }
