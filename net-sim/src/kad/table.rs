@@ -58,7 +58,7 @@ impl RoutingTable {
     pub fn closest(&self, target: &Key, n: usize) -> Vec<PeerAddr> {
         let mut all: Vec<(super::key::Distance, &PeerAddr)> =
             self.buckets.iter().flatten().map(|(k, p)| (k.distance(target), p)).collect();
-        all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        all.sort_unstable_by_key(|a| a.0);
         all.into_iter().take(n).map(|(_, p)| p.clone()).collect()
     }
 
