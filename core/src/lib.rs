@@ -8,6 +8,7 @@
 
 pub mod allocator;
 pub mod config;
+pub mod dht_policy;
 pub mod io;
 pub mod manager;
 pub mod node;

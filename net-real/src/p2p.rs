@@ -56,31 +56,8 @@ pub fn psk_from_passphrase(passphrase: &str) -> pnet::PreSharedKey {
     pnet::PreSharedKey::new(digest.into())
 }
 
-/// Bootstrap connection retries (DESIGN.md §2).
-#[derive(Clone, Debug)]
-pub struct Backoff {
-    /// First retry delay; it doubles after each failure.
-    pub initial: Duration,
-    /// Start-up attempts per bootstrap before giving up (the first dial included).
-    pub startup_attempts: u32,
-    /// Largest delay between reconnection attempts after a drop.
-    pub cap: Duration,
-}
-
-impl Default for Backoff {
-    /// 2, 4, 8, 16 s (5 attempts) at start; reconnect forever, at most 512 s apart.
-    fn default() -> Self {
-        Backoff { initial: Duration::from_secs(2), startup_attempts: 5, cap: Duration::from_secs(512) }
-    }
-}
-
-impl Backoff {
-    /// Delay after the `failures`-th consecutive failure (1-based).
-    pub fn delay(&self, failures: u32) -> Duration {
-        let factor = 1u32.checked_shl(failures.saturating_sub(1).min(30)).unwrap_or(u32::MAX);
-        self.initial.saturating_mul(factor).min(self.cap)
-    }
-}
+pub use physarum_core::dht_policy::Backoff;
+use physarum_core::dht_policy::{BootstrapLink, Retry};
 
 /// How the network is set up.
 #[derive(Clone)]
@@ -129,9 +106,9 @@ impl P2pOptions {
             psk: None,
             backoff: Backoff::default(),
             idle_connection_timeout: Duration::from_secs(120),
-            provider_ttl: Duration::from_secs(120),
+            provider_ttl: physarum_core::dht_policy::PROVIDER_RECORD_TTL,
             kad_query_timeout: Duration::from_secs(10),
-            find_grace: Duration::from_millis(100),
+            find_grace: physarum_core::dht_policy::FIND_GRACE,
             request_timeout: Duration::from_secs(60),
             ping_interval: Duration::from_secs(5),
             ping_timeout: Duration::from_secs(5),
@@ -509,13 +486,10 @@ fn rand_nonce() -> u64 {
 struct Boot {
     addr: Multiaddr,
     peer: Option<PeerId>,
-    connected: bool,
-    /// Consecutive failed attempts.
-    failures: u32,
+    /// Connected, failures, given up: the core's bookkeeping of retries.
+    link: BootstrapLink,
     dialing: Option<ConnectionId>,
     next_try: Option<Instant>,
-    ever_connected: bool,
-    gave_up: bool,
     last_error: String,
 }
 
@@ -525,17 +499,7 @@ impl Boot {
             Some(Protocol::P2p(p)) => Some(p),
             _ => None,
         };
-        Boot {
-            addr,
-            peer,
-            connected: false,
-            failures: 0,
-            dialing: None,
-            next_try: None,
-            ever_connected: false,
-            gave_up: false,
-            last_error: String::new(),
-        }
+        Boot { addr, peer, link: BootstrapLink::default(), dialing: None, next_try: None, last_error: String::new() }
     }
 }
 
@@ -732,7 +696,11 @@ impl SwarmTask {
         }
         for i in 0..self.boots.len() {
             let b = &self.boots[i];
-            if !b.connected && b.dialing.is_none() && !b.gave_up && b.next_try.is_some_and(|t| t <= now) {
+            if !b.link.is_connected()
+                && b.dialing.is_none()
+                && !b.link.gave_up()
+                && b.next_try.is_some_and(|t| t <= now)
+            {
                 self.dial_boot(i);
             }
         }
@@ -766,21 +734,23 @@ impl SwarmTask {
 
     fn boot_failed(&mut self, i: usize, error: String) {
         let backoff = self.opts.backoff.clone();
+        let node_up = self.ready.is_none();
         let b = &mut self.boots[i];
         b.dialing = None;
-        b.failures += 1;
         b.last_error = error;
         // Start-up gives up after `startup_attempts`; once the node is up (another
         // bootstrap answered) every bootstrap is retried forever.
-        if !b.ever_connected && b.failures >= backoff.startup_attempts && self.ready.is_some() {
-            b.gave_up = true;
-            tracing::warn!(addr = %b.addr, "bootstrap unreachable after {} attempts: {}", b.failures, b.last_error);
-        } else {
-            let delay = backoff.delay(b.failures);
-            tracing::info!(addr = %b.addr, "bootstrap connection failed ({}); retrying in {delay:?}", b.last_error);
-            b.next_try = Some(Instant::now() + delay);
+        match b.link.failed(&backoff, node_up) {
+            Retry::GiveUp => {
+                let failures = b.link.failures();
+                tracing::warn!(addr = %b.addr, "bootstrap unreachable after {failures} attempts: {}", b.last_error);
+            }
+            Retry::After(delay) => {
+                tracing::info!(addr = %b.addr, "bootstrap connection failed ({}); retrying in {delay:?}", b.last_error);
+                b.next_try = Some(Instant::now() + delay);
+            }
         }
-        if self.boots.iter().all(|b| b.gave_up) {
+        if physarum_core::dht_policy::startup_failed(self.boots.iter().map(|b| &b.link)) {
             if let Some(r) = self.ready.take() {
                 let detail: Vec<String> = self.boots.iter().map(|b| format!("{}: {}", b.addr, b.last_error)).collect();
                 let _ = r.send(Err(format!(
@@ -798,14 +768,10 @@ impl SwarmTask {
         let b = &mut self.boots[i];
         b.dialing = None;
         b.peer = Some(peer);
-        b.failures = 0;
         b.next_try = None;
-        b.gave_up = false;
-        if b.connected {
+        if !b.link.connected() {
             return;
         }
-        b.connected = true;
-        b.ever_connected = true;
         let addr = strip_p2p(&b.addr);
         tracing::info!(%peer, %addr, "connected to bootstrap");
         self.swarm.behaviour_mut().kad.add_address(&peer, addr);
@@ -822,9 +788,10 @@ impl SwarmTask {
             let _ = r.send(Ok(()));
             // Bootstraps that failed start-up are retried from now on.
             let now = Instant::now();
-            for b in self.boots.iter_mut().filter(|b| b.gave_up) {
-                b.gave_up = false;
-                b.next_try = Some(now + self.opts.backoff.delay(b.failures));
+            for b in self.boots.iter_mut() {
+                if let Some(delay) = b.link.revive(&self.opts.backoff) {
+                    b.next_try = Some(now + delay);
+                }
             }
         }
     }
@@ -851,12 +818,10 @@ impl SwarmTask {
                 if let Ok(mut p) = self.peers.lock() {
                     p.remove(&peer_id);
                 }
-                let initial = self.opts.backoff.initial;
-                for b in self.boots.iter_mut().filter(|b| b.peer == Some(peer_id) && b.connected) {
+                let backoff = &self.opts.backoff;
+                for b in self.boots.iter_mut().filter(|b| b.peer == Some(peer_id) && b.link.is_connected()) {
                     tracing::warn!(addr = %b.addr, "lost the bootstrap connection ({cause:?}); reconnecting");
-                    b.connected = false;
-                    b.failures = 0;
-                    b.next_try = Some(Instant::now() + initial);
+                    b.next_try = Some(Instant::now() + b.link.lost(backoff));
                 }
             }
             SwarmEvent::OutgoingConnectionError { connection_id, peer_id, error } => {

@@ -5,6 +5,7 @@
 
 use crate::node::{host_main, Ctx, Fate, RequestRecord};
 use crate::scenario::{Fault, Scenario};
+use crate::topology::{pair, Topology};
 use crate::trace::{Kind, Record, Trace};
 use physarum_core::io::Event;
 use std::collections::{BTreeMap, BTreeSet};
@@ -58,6 +59,8 @@ pub struct Report {
     pub figures: Figures,
     /// Invariants of the scenario that did not hold, one sentence each.
     pub violations: Vec<String>,
+    /// The event-driven engine's DHT and discovery measurements (`None` from turmoil).
+    pub dht: Option<crate::des::DhtStats>,
 }
 
 impl Report {
@@ -189,25 +192,41 @@ enum NetChange {
 }
 
 /// The network's history: how each link looked at each moment.
-struct NetHistory {
-    default_rtt: f64,
-    initial: BTreeMap<(String, String), f64>,
+pub(crate) struct NetHistory {
+    initial: Topology,
     changes: Vec<(Duration, NetChange)>,
 }
 
-fn pair(a: &str, b: &str) -> (String, String) {
-    if a <= b {
-        (a.to_string(), b.to_string())
-    } else {
-        (b.to_string(), a.to_string())
-    }
-}
-
 impl NetHistory {
+    pub(crate) fn new(initial: Topology) -> Self {
+        NetHistory { initial, changes: Vec::new() }
+    }
+
+    /// Record what `fault`, applied at `at`, does to links and hosts.
+    pub(crate) fn note(&mut self, at: Duration, fault: &Fault) {
+        let mut add = |c| self.changes.push((at, c));
+        match fault {
+            Fault::Partition { a, b } | Fault::Repair { a, b } => {
+                for x in a {
+                    for y in b.iter().filter(|y| *y != x) {
+                        match fault {
+                            Fault::Partition { .. } => add(NetChange::Cut(x.clone(), y.clone())),
+                            _ => add(NetChange::Heal(x.clone(), y.clone())),
+                        }
+                    }
+                }
+            }
+            Fault::Crash { node } | Fault::BootstrapDown { node } => add(NetChange::Down(node.clone())),
+            Fault::Restart { node } | Fault::BootstrapUp { node } => add(NetChange::Up(node.clone())),
+            Fault::Latency { a, b, rtt_ms } => add(NetChange::Rtt(a.clone(), b.clone(), *rtt_ms)),
+            _ => {}
+        }
+    }
+
     /// The RTT between hosts `a` and `b` at `at` (`None`: cut or a host down).
     fn rtt_at(&self, a: &str, b: &str, at: Duration) -> Option<f64> {
         let p = pair(a, b);
-        let mut rtt = self.initial.get(&p).copied().unwrap_or(self.default_rtt);
+        let mut rtt = self.initial.rtt_ms(a, b);
         let mut cut = false;
         let mut down: BTreeSet<&str> = BTreeSet::new();
         for (t, c) in &self.changes {
@@ -235,13 +254,13 @@ impl NetHistory {
     }
 
     /// Whether the link was over `hard_ms` (or cut) at every moment of `[from, to]`.
-    fn bad_throughout(&self, a: &str, b: &str, hard_ms: f64, from: Duration, to: Duration) -> bool {
+    pub(crate) fn bad_throughout(&self, a: &str, b: &str, hard_ms: f64, from: Duration, to: Duration) -> bool {
         let bad = |t: Duration| self.rtt_at(a, b, t).is_none_or(|r| r > hard_ms);
         bad(from) && self.changes.iter().filter(|(t, _)| *t > from && *t <= to).all(|(t, _)| bad(*t))
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -271,12 +290,17 @@ pub fn run(scenario: &Scenario, seed: u64) -> Result<Report, String> {
         let name = n.name.clone();
         sim.host(n.name.as_str(), move || host_main(ctx.clone(), name.clone()));
     }
-    let mut history =
-        NetHistory { default_rtt: scenario.default_rtt_ms, initial: BTreeMap::new(), changes: Vec::new() };
+    let topology = Topology::of(scenario);
     for l in &scenario.links {
         sim.set_link_latency(l.a.as_str(), l.b.as_str(), one_way(l.rtt_ms));
-        history.initial.insert(pair(&l.a, &l.b), l.rtt_ms);
     }
+    let placed: Vec<&String> = topology.placed().collect();
+    for (i, a) in placed.iter().enumerate() {
+        for b in &placed[i + 1..] {
+            sim.set_link_latency(a.as_str(), b.as_str(), one_way(topology.rtt_ms(a, b)));
+        }
+    }
+    let mut history = NetHistory::new(topology);
     let schedule = scenario.expanded_schedule();
     let mut next = 0;
     while sim.elapsed() < end {
@@ -303,26 +327,23 @@ pub fn run(scenario: &Scenario, seed: u64) -> Result<Report, String> {
         requests,
         figures,
         violations: Vec::new(),
+        dht: None,
     };
     report.violations = check(scenario, &report, &history, &ctx);
     Ok(report)
 }
 
 fn apply(sim: &mut turmoil::Sim<'_>, ctx: &Ctx, fault: &Fault, at: Duration, h: &mut NetHistory) {
+    h.note(at, fault);
     match fault {
         Fault::Partition { a, b } | Fault::Repair { a, b } => {
             let cut = matches!(fault, Fault::Partition { .. });
             for x in a {
-                for y in b {
-                    if x == y {
-                        continue;
-                    }
+                for y in b.iter().filter(|y| *y != x) {
                     if cut {
                         sim.partition(x.as_str(), y.as_str());
-                        h.changes.push((at, NetChange::Cut(x.clone(), y.clone())));
                     } else {
                         sim.repair(x.as_str(), y.as_str());
-                        h.changes.push((at, NetChange::Heal(x.clone(), y.clone())));
                     }
                 }
             }
@@ -331,18 +352,13 @@ fn apply(sim: &mut turmoil::Sim<'_>, ctx: &Ctx, fault: &Fault, at: Duration, h: 
             if sim.is_host_running(node.as_str()) {
                 sim.crash(node.as_str());
             }
-            h.changes.push((at, NetChange::Down(node.clone())));
         }
         Fault::Restart { node } | Fault::BootstrapUp { node } => {
             if !sim.is_host_running(node.as_str()) {
                 sim.bounce(node.as_str());
             }
-            h.changes.push((at, NetChange::Up(node.clone())));
         }
-        Fault::Latency { a, b, rtt_ms } => {
-            sim.set_link_latency(a.as_str(), b.as_str(), one_way(*rtt_ms));
-            h.changes.push((at, NetChange::Rtt(a.clone(), b.clone(), *rtt_ms)));
-        }
+        Fault::Latency { a, b, rtt_ms } => sim.set_link_latency(a.as_str(), b.as_str(), one_way(*rtt_ms)),
         Fault::LatencySweep { .. } => unreachable!("expanded before the run"),
         Fault::Loss { a, b, rate } => ctx.loss.set(a, b, *rate),
         Fault::SlowStart { node, boot_delay_ms } => {
@@ -353,7 +369,7 @@ fn apply(sim: &mut turmoil::Sim<'_>, ctx: &Ctx, fault: &Fault, at: Duration, h: 
     }
 }
 
-fn figures(requests: &[RequestRecord], trace: &Trace, end: Duration) -> Figures {
+pub(crate) fn figures(requests: &[RequestRecord], trace: &Trace, end: Duration) -> Figures {
     let mut f = Figures::default();
     let mut lat = Vec::new();
     for r in requests {
@@ -395,7 +411,7 @@ fn figures(requests: &[RequestRecord], trace: &Trace, end: Duration) -> Figures 
     f
 }
 
-fn check(scenario: &Scenario, report: &Report, history: &NetHistory, ctx: &Ctx) -> Vec<String> {
+pub(crate) fn check(scenario: &Scenario, report: &Report, history: &NetHistory, ctx: &Ctx) -> Vec<String> {
     let inv = &scenario.invariants;
     let f = &report.figures;
     let mut v = Vec::new();
@@ -559,8 +575,8 @@ mod tests {
 
     #[test]
     fn link_history_judges_selections() {
-        let mut h = NetHistory { default_rtt: 2.0, initial: BTreeMap::new(), changes: Vec::new() };
-        h.initial.insert(pair("c", "i"), 4.0);
+        let s = crate::ScenarioBuilder::new("t", 1000).bootstrap("c").bootstrap("i").bootstrap("x").link("c", "i", 4.0);
+        let mut h = NetHistory::new(Topology::of(&s.build().unwrap()));
         h.changes.push((Duration::from_secs(10), NetChange::Cut("i".into(), "c".into())));
         h.changes.push((Duration::from_secs(20), NetChange::Heal("c".into(), "i".into())));
         h.changes.push((Duration::from_secs(30), NetChange::Rtt("c".into(), "i".into(), 50.0)));

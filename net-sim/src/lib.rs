@@ -8,11 +8,16 @@
 
 pub mod app;
 pub mod cluster;
+pub mod des;
 pub mod dht;
+pub mod kad;
 pub mod node;
+pub mod scale;
 pub mod scenario;
+pub mod topology;
 pub mod trace;
 pub mod transport;
 
 pub use cluster::{run, Figures, Report};
+pub use des::run_des;
 pub use scenario::{Fault, Invariants, Role, Scenario, ScenarioBuilder, Workload};

@@ -149,7 +149,7 @@ impl Ctx {
         hung
     }
 
-    fn next_incarnation(&self, host: &str) -> u32 {
+    pub(crate) fn next_incarnation(&self, host: &str) -> u32 {
         let mut m = self.incarnations.borrow_mut();
         let n = m.entry(host.to_string()).or_insert(0);
         *n += 1;
@@ -192,7 +192,7 @@ impl Ctx {
     }
 
     /// Every scenario service's entry, as `signer` signed it.
-    fn signed_entries(&self, signer: &SecretKey, forge: bool) -> Vec<SignedEntry> {
+    pub(crate) fn signed_entries(&self, signer: &SecretKey, forge: bool) -> Vec<SignedEntry> {
         let infos = self.scenario.services.iter().filter_map(|s| self.service_info(&s.name));
         infos
             .map(|mut info| {
@@ -204,7 +204,7 @@ impl Ctx {
             .collect()
     }
 
-    fn node_config(&self, peer: &PeerId) -> NodeConfig {
+    pub(crate) fn node_config(&self, peer: &PeerId) -> NodeConfig {
         let d = self.scenario.defaults;
         let mut c = NodeConfig::new(
             peer.clone(),

@@ -101,6 +101,10 @@ pub struct NodeSpec {
     /// Host name; also the peer id of the node on it.
     pub name: String,
     pub role: Role,
+    /// A place on the plane, in ms: links between placed nodes that are not listed
+    /// have the default RTT plus the distance (see [`crate::topology`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<[f64; 2]>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -377,8 +381,9 @@ impl Default for Tuning {
     }
 }
 
+/// Production's provider-record TTL.
 fn default_record_ttl() -> u64 {
-    90_000
+    physarum_core::dht_policy::PROVIDER_RECORD_TTL.as_millis() as u64
 }
 
 fn default_advertise() -> u64 {
@@ -484,6 +489,9 @@ impl Scenario {
             }
             if !names.insert(n.name.as_str()) {
                 return err(format!("node {:?} is declared twice", n.name));
+            }
+            if n.at.is_some_and(|p| p.iter().any(|c| !c.is_finite() || c.abs() > 30_000.0)) {
+                return err(format!("node {:?}: `at` coordinates must be finite, within ±30000 ms", n.name));
             }
             if let Role::Service { service } | Role::RogueService { service } = &n.role {
                 if self.service(service).is_none() {
@@ -706,7 +714,7 @@ impl ScenarioBuilder {
     }
 
     pub fn node(mut self, name: &str, role: Role) -> Self {
-        self.s.nodes.push(NodeSpec { name: name.into(), role });
+        self.s.nodes.push(NodeSpec { name: name.into(), role, at: None });
         self
     }
 

@@ -170,17 +170,23 @@ impl Trace {
 
     /// Record an output of a node's core worth tracing (routing decisions, errors, events).
     pub fn output(&self, node: &str, output: &Output) {
-        match output {
+        self.output_at(sim_now(), node, output)
+    }
+
+    /// [`Trace::output`] at a given simulated time (the event-driven engine's clock).
+    pub fn output_at(&self, at: Duration, node: &str, output: &Output) {
+        let kind = match output {
             Output::Respond { outcome: Outcome::Route { instance, service, .. }, .. } => {
-                self.here(node, Kind::Routed { service: service.to_string(), instance: instance.peer.to_string() })
+                Kind::Routed { service: service.to_string(), instance: instance.peer.to_string() }
             }
             Output::Respond { outcome: Outcome::Fail { status, reason }, .. } => {
-                self.here(node, Kind::Refused { status: *status, reason: reason.clone() })
+                Kind::Refused { status: *status, reason: reason.clone() }
             }
-            Output::Event(e) => self.here(node, Kind::Core(e.clone())),
-            Output::Advertise { key } => self.here(node, Kind::Advertise(key_text(key))),
-            _ => {}
-        }
+            Output::Event(e) => Kind::Core(e.clone()),
+            Output::Advertise { key } => Kind::Advertise(key_text(key)),
+            _ => return,
+        };
+        self.push(at, node, kind);
     }
 
     pub fn len(&self) -> usize {

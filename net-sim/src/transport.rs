@@ -12,13 +12,15 @@
 //!   retransmission timeout, as over TCP ([`SimStream`]), so on a stream loss becomes
 //!   delay; a lost connection attempt is repeated after TCP's initial 1 s SYN timeout.
 //! - Discovery talks to the bootstrap DHT servers of [`crate::dht`], and the
-//!   bootstrap "connections" are keepalives with the start-up backoff (2, 4, 8, 16 s;
-//!   5 attempts, then the node exits with a clear error) and, after a loss,
-//!   reconnection forever (1 s doubling, capped at 512 s). A (re)connection emits
+//!   bootstrap "connections" are keepalives with the core's backoff
+//!   (`physarum_core::dht_policy`, as production: 2, 4, 8, 16 s and 5 attempts, then
+//!   the node exits with a clear error; after a loss, reconnection forever, 2 s
+//!   doubling, capped at 512 s). A (re)connection emits
 //!   [`NetEvent::BootstrapConnected`] so the core advertises again.
 
 use crate::dht::{AbortOnDrop, DhtMsg, DHT_PORT, MAX_DATAGRAM};
 use crate::trace::{Kind, Trace};
+use physarum_core::dht_policy::{Backoff, BootstrapLink, Retry};
 use physarum_core::types::{DhtKey, PeerAddr, PeerId};
 use physarum_core::wire::{self, Envelope, Request, Response};
 use physarum_runtime::transport::{
@@ -198,11 +200,8 @@ pub struct EndpointConfig {
     pub hello_timeout: Duration,
     /// Missed keepalives before a bootstrap connection counts as lost.
     pub max_missed: u32,
-    /// Start-up: retry delays between the attempts (the original: 2, 4, 8, 16 s).
-    pub startup_backoff: Vec<Duration>,
-    /// After a loss: first retry delay, doubled up to `reconnect_max`.
-    pub reconnect_initial: Duration,
-    pub reconnect_max: Duration,
+    /// Start-up attempts and retries after a loss (the core's policy, as in production).
+    pub backoff: Backoff,
     /// How long opening a tunnel stream may take.
     pub tunnel_connect_timeout: Duration,
     /// How long an advertisement waits for a bootstrap's acknowledgement.
@@ -224,9 +223,7 @@ impl EndpointConfig {
             keepalive: Duration::from_secs(2),
             hello_timeout: Duration::from_secs(1),
             max_missed: 3,
-            startup_backoff: [2, 4, 8, 16].into_iter().map(Duration::from_secs).collect(),
-            reconnect_initial: Duration::from_secs(1),
-            reconnect_max: Duration::from_secs(512),
+            backoff: Backoff::default(),
             tunnel_connect_timeout: Duration::from_secs(2),
             advertise_timeout: Duration::from_secs(2),
             pings_to_node: false,
@@ -575,27 +572,35 @@ async fn hello_all(inner: &Inner, to: &[String]) -> BTreeMap<String, u64> {
     got
 }
 
-/// Bootstrap connections: start-up with backoff, keepalives, reconnection.
+/// Bootstrap connections: start-up with backoff, keepalives, reconnection, each
+/// bootstrap's retries decided by the core's [`BootstrapLink`].
 async fn bootstrap_loop(inner: Rc<Inner>, events: mpsc::UnboundedSender<NetEvent>, fatal: oneshot::Sender<String>) {
     let me = inner.cfg.peer.0.clone();
     let all = inner.cfg.bootstraps.clone();
-    // Start-up: all bootstraps in parallel, retried with backoff, then a clear error.
-    let attempts = inner.cfg.startup_backoff.len() + 1;
+    let backoff = inner.cfg.backoff.clone();
+    let mut links: BTreeMap<String, BootstrapLink> =
+        all.iter().map(|b| (b.clone(), BootstrapLink::default())).collect();
+    // Start-up: all bootstraps in parallel, each retried with backoff, then a clear error.
     let mut up = BTreeMap::new();
-    for attempt in 0..attempts {
+    let mut attempt = 0;
+    while up.is_empty() {
+        attempt += 1;
         up = hello_all(&inner, &all).await;
         if !up.is_empty() {
             break;
         }
-        if let Some(d) = inner.cfg.startup_backoff.get(attempt) {
-            inner
-                .trace
-                .here(&me, Kind::Bootstrap(format!("attempt {} failed, retry in {}s", attempt + 1, d.as_secs())));
-            sleep(*d).await;
+        let mut delay = None;
+        for l in links.values_mut() {
+            if let Retry::After(d) = l.failed(&backoff, false) {
+                delay = Some(delay.map_or(d, |x: Duration| x.min(d)));
+            }
         }
+        let Some(d) = delay else { break };
+        inner.trace.here(&me, Kind::Bootstrap(format!("attempt {attempt} failed, retry in {}s", d.as_secs())));
+        sleep(d).await;
     }
     if up.is_empty() {
-        let reason = format!("no bootstrap reachable after {attempts} attempts ({})", all.join(", "));
+        let reason = format!("no bootstrap reachable after {attempt} attempts ({})", all.join(", "));
         inner.trace.here(&me, Kind::NodeExited(reason.clone()));
         let _ = fatal.send(reason);
         return;
@@ -604,26 +609,22 @@ async fn bootstrap_loop(inner: Rc<Inner>, events: mpsc::UnboundedSender<NetEvent
     *inner.connected.borrow_mut() = up;
     let _ = events.send(NetEvent::BootstrapConnected);
 
-    // Steady state.
-    struct Lost {
-        next_try: Instant,
-        backoff: Duration,
-    }
+    // Steady state: bootstraps not connected are retried at their link's pace.
     let mut missed: BTreeMap<String, u32> = BTreeMap::new();
-    let mut lost: BTreeMap<String, Lost> = BTreeMap::new();
+    let mut next_try: BTreeMap<String, Instant> = BTreeMap::new();
     let now = Instant::now();
-    for b in &all {
-        if !inner.connected.borrow().contains_key(b) {
-            lost.insert(
-                b.clone(),
-                Lost { next_try: now + inner.cfg.reconnect_initial, backoff: inner.cfg.reconnect_initial },
-            );
+    for (b, l) in links.iter_mut() {
+        if inner.connected.borrow().contains_key(b) {
+            l.connected();
+        } else {
+            let d = l.revive(&backoff).unwrap_or_else(|| backoff.delay(l.failures()));
+            next_try.insert(b.clone(), now + d);
         }
     }
     loop {
         sleep(inner.cfg.keepalive).await;
         let now = Instant::now();
-        let due: BTreeSet<String> = lost.iter().filter(|(_, l)| l.next_try <= now).map(|(b, _)| b.clone()).collect();
+        let due: BTreeSet<String> = next_try.iter().filter(|(_, t)| **t <= now).map(|(b, _)| b.clone()).collect();
         let to: Vec<String> =
             all.iter().filter(|b| inner.connected.borrow().contains_key(*b) || due.contains(*b)).cloned().collect();
         if to.is_empty() {
@@ -633,6 +634,7 @@ async fn bootstrap_loop(inner: Rc<Inner>, events: mpsc::UnboundedSender<NetEvent
         let mut reconnected = Vec::new();
         for b in &to {
             let was = inner.connected.borrow().get(b).copied();
+            let Some(link) = links.get_mut(b) else { continue };
             match (was, answers.get(b)) {
                 (Some(old), Some(&epoch)) => {
                     missed.remove(b);
@@ -649,20 +651,21 @@ async fn bootstrap_loop(inner: Rc<Inner>, events: mpsc::UnboundedSender<NetEvent
                         missed.remove(b);
                         inner.connected.borrow_mut().remove(b);
                         inner.trace.here(&me, Kind::Bootstrap(format!("lost {b}")));
-                        let backoff = inner.cfg.reconnect_initial;
-                        lost.insert(b.clone(), Lost { next_try: Instant::now() + backoff, backoff });
+                        next_try.insert(b.clone(), Instant::now() + link.lost(&backoff));
                     }
                 }
                 (None, Some(&epoch)) => {
-                    lost.remove(b);
+                    next_try.remove(b);
+                    link.connected();
                     inner.connected.borrow_mut().insert(b.clone(), epoch);
                     reconnected.push(b.clone());
                 }
                 (None, None) => {
-                    if let Some(l) = lost.get_mut(b) {
-                        l.backoff = (l.backoff * 2).min(inner.cfg.reconnect_max);
-                        l.next_try = Instant::now() + l.backoff;
-                    }
+                    let d = match link.failed(&backoff, true) {
+                        Retry::After(d) => d,
+                        Retry::GiveUp => backoff.cap,
+                    };
+                    next_try.insert(b.clone(), Instant::now() + d);
                 }
             }
         }

@@ -1,11 +1,20 @@
 //! `physarum-sim run <scenario-file> --seed N`: run a scenario in the deterministic
-//! simulation (turmoil) and print a timeline summary, the figures and the trace hash.
-//! The same file and seed always give the same trace hash.
+//! simulation and print a timeline summary, the figures and the trace hash. The same
+//! file, seed and engine always give the same trace hash. Two engines run the same
+//! scenarios: turmoil (the full stack: real HTTP, the shared runtime, simulated TCP)
+//! and the event-driven engine (the same core machines on a Kademlia model, for
+//! large clusters); `--engine auto` picks turmoil up to 30 nodes.
+//!
+//! `physarum-sim scale N` writes the scale scenario with N nodes; `physarum-sim
+//! curve` runs the scale scenarios and plots the discovery cost over n.
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use physarum_net_sim::{run, Scenario};
-use std::path::PathBuf;
+use clap::{Parser, Subcommand, ValueEnum};
+use physarum_net_sim::des::CostSummary;
+use physarum_net_sim::scale::scale_scenario;
+use physarum_net_sim::{run, run_des, Report, Scenario};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -14,6 +23,17 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Engine {
+    /// turmoil up to 30 nodes, the event-driven engine beyond.
+    Auto,
+    Turmoil,
+    Des,
+}
+
+/// Largest cluster `--engine auto` runs on turmoil.
+const AUTO_TURMOIL_MAX_NODES: usize = 30;
 
 #[derive(Subcommand)]
 enum Command {
@@ -24,6 +44,8 @@ enum Command {
         /// The seed that decides everything random in the run.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        #[arg(long, value_enum, default_value_t = Engine::Auto)]
+        engine: Engine,
         /// Also print the whole trace.
         #[arg(long)]
         trace: bool,
@@ -33,6 +55,22 @@ enum Command {
     },
     /// Check that a scenario file parses and is consistent, without running it.
     Check { file: PathBuf },
+    /// Write the scale scenario with N nodes (scenarios/scale-N.json) to stdout.
+    Scale { nodes: usize },
+    /// Run the scale scenarios on the event-driven engine and plot the discovery cost.
+    Curve {
+        /// Cluster sizes.
+        #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
+        sizes: Vec<usize>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Where the PNG and the table go.
+        #[arg(long, default_value = "docs")]
+        out: PathBuf,
+        /// A TrueType font for the labels.
+        #[arg(long, default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")]
+        font: PathBuf,
+    },
 }
 
 fn load(file: &PathBuf) -> anyhow::Result<Scenario> {
@@ -50,6 +88,19 @@ fn main() -> ExitCode {
     }
 }
 
+fn run_with(s: &Scenario, seed: u64, engine: Engine) -> anyhow::Result<(Report, &'static str)> {
+    let des = match engine {
+        Engine::Auto => s.nodes.len() > AUTO_TURMOIL_MAX_NODES,
+        Engine::Turmoil => false,
+        Engine::Des => true,
+    };
+    let (report, name) = match des {
+        true => (run_des(s, seed), "des"),
+        false => (run(s, seed), "turmoil"),
+    };
+    Ok((report.map_err(anyhow::Error::msg)?, name))
+}
+
 fn real_main() -> anyhow::Result<ExitCode> {
     match Cli::parse().command {
         Command::Check { file } => {
@@ -64,9 +115,9 @@ fn real_main() -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { file, seed, trace, quiet } => {
+        Command::Run { file, seed, engine, trace, quiet } => {
             let s = load(&file)?;
-            let report = run(&s, seed).map_err(anyhow::Error::msg)?;
+            let (report, engine_name) = run_with(&s, seed, engine)?;
             if !quiet {
                 println!("--- timeline ---");
                 print!("{}", report.timeline());
@@ -76,9 +127,164 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 print!("{}", report.trace.text());
             }
             println!("--- summary ---");
+            println!("engine: {engine_name}");
             print!("{}", report.summary());
-            println!("replay: physarum-sim run {} --seed {seed}", file.display());
+            if let Some(d) = &report.dht {
+                print!("{}", cost_text(&d.summary()));
+            }
+            println!("replay: physarum-sim run {} --seed {seed} --engine {engine_name}", file.display());
             Ok(if report.violations.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
+        Command::Scale { nodes } => {
+            println!("{}", scale_scenario(nodes).to_json());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Curve { sizes, seed, out, font } => curve(&sizes, seed, &out, &font),
     }
+}
+
+fn cost_text(c: &CostSummary) -> String {
+    format!(
+        "discovery: {} lookups, messages p50 {} p99 {}, hops p50 {} p99 {}, latency p50 {:.3} ms p99 {:.3} ms; \
+         {} allocations, at most {} allocators probed, chosen allocator {:.3} ms vs closest {:.3} ms (median), \
+         excess p50 {:.3} ms p90 {:.3} ms\n",
+        c.lookups,
+        c.rpcs_p50,
+        c.rpcs_p99,
+        c.hops_p50,
+        c.hops_p99,
+        c.took_p50.as_secs_f64() * 1000.0,
+        c.took_p99.as_secs_f64() * 1000.0,
+        c.allocations,
+        c.probes_max,
+        c.chosen_p50_ms,
+        c.best_p50_ms,
+        c.excess_p50_ms,
+        c.excess_p90_ms
+    )
+}
+
+/// One point of the curve.
+struct Point {
+    n: usize,
+    cost: CostSummary,
+    wall_s: f64,
+    ok: u64,
+    sent: u64,
+}
+
+fn curve(sizes: &[usize], seed: u64, out: &Path, font: &Path) -> anyhow::Result<ExitCode> {
+    let mut points = Vec::new();
+    for &n in sizes {
+        let s = scale_scenario(n);
+        let r = run_des(&s, seed).map_err(anyhow::Error::msg)?;
+        let cost = r.dht.as_ref().map(|d| d.summary()).unwrap_or_default();
+        println!("n = {n}: {:.1} s wall; {}", r.wall.as_secs_f64(), cost_text(&cost));
+        points.push(Point { n, cost, wall_s: r.wall.as_secs_f64(), ok: r.figures.ok, sent: r.figures.sent });
+    }
+    std::fs::create_dir_all(out)?;
+    let mut table = String::from(
+        "| nodes | lookups | messages p50 / p99 | hops p50 / p99 | lookup latency p50 / p99 (ms) | allocators probed (max) | chosen vs closest allocator, median (ms) | excess p50 / p90 (ms) | requests ok | wall (s) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for p in &points {
+        let c = &p.cost;
+        let _ = writeln!(
+            table,
+            "| {} | {} | {} / {} | {} / {} | {:.2} / {:.2} | {} | {:.2} vs {:.2} | {:.2} / {:.2} | {} of {} | {:.1} |",
+            p.n,
+            c.lookups,
+            c.rpcs_p50,
+            c.rpcs_p99,
+            c.hops_p50,
+            c.hops_p99,
+            c.took_p50.as_secs_f64() * 1000.0,
+            c.took_p99.as_secs_f64() * 1000.0,
+            c.probes_max,
+            c.chosen_p50_ms,
+            c.best_p50_ms,
+            c.excess_p50_ms,
+            c.excess_p90_ms,
+            p.ok,
+            p.sent,
+            p.wall_s
+        );
+    }
+    let sizes_text: Vec<String> = sizes.iter().map(|n| n.to_string()).collect();
+    let md = format!(
+        "# Discovery cost over cluster size\n\nMeasured with `cargo run --release -p physarum --bin physarum-sim -- curve --sizes {} --seed {seed}` \
+         (the scale scenarios, `physarum-sim scale N`, on the event-driven engine with the Kademlia model).\n\n![discovery cost](discovery-cost.png)\n\n{table}",
+        sizes_text.join(",")
+    );
+    std::fs::write(out.join("discovery-cost.md"), md)?;
+    plot(&points, &out.join("discovery-cost.png"), font)?;
+    println!("wrote {} and {}", out.join("discovery-cost.png").display(), out.join("discovery-cost.md").display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn plot(points: &[Point], path: &Path, font: &Path) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let bytes = std::fs::read(font).with_context(|| format!("cannot read the font {}", font.display()))?;
+    plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into_boxed_slice()))
+        .map_err(|_| anyhow::anyhow!("{} is not a usable TrueType font", font.display()))?;
+    let root = BitMapBackend::new(path, (1500, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((1, 3));
+    let n_max = points.iter().map(|p| p.n).max().unwrap_or(10) as f64 * 1.5;
+    let n_min = points.iter().map(|p| p.n).min().unwrap_or(10) as f64 / 1.5;
+    type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
+    let draw = |area: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
+                title: &str,
+                y_desc: &str,
+                series: Vec<Series>|
+     -> anyhow::Result<()> {
+        let y_max = series.iter().flat_map(|s| s.2.iter().map(|p| p.1)).fold(0.0f64, f64::max).max(1e-3) * 1.2;
+        let mut chart = ChartBuilder::on(area)
+            .caption(title, ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(45)
+            .y_label_area_size(60)
+            .build_cartesian_2d((n_min..n_max).log_scale(), 0.0..y_max)?;
+        chart.configure_mesh().x_desc("nodes (log scale)").y_desc(y_desc).label_style(("sans-serif", 15)).draw()?;
+        for (label, color, pts) in series {
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+                .label(label)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            chart.draw_series(pts.iter().map(|p| Circle::new(*p, 4, color.filled())))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 15))
+            .draw()?;
+        Ok(())
+    };
+    let xs = |f: &dyn Fn(&CostSummary) -> f64| points.iter().map(|p| (p.n as f64, f(&p.cost))).collect::<Vec<_>>();
+    let blue = RGBColor(31, 119, 180);
+    let red = RGBColor(214, 39, 40);
+    draw(
+        &panels[0],
+        "Messages per provider lookup",
+        "Kademlia RPCs",
+        vec![("p50", blue, xs(&|c| c.rpcs_p50 as f64)), ("p99", red, xs(&|c| c.rpcs_p99 as f64))],
+    )?;
+    draw(
+        &panels[1],
+        "Latency per provider lookup",
+        "simulated ms",
+        vec![
+            ("p50", blue, xs(&|c| c.took_p50.as_secs_f64() * 1000.0)),
+            ("p99", red, xs(&|c| c.took_p99.as_secs_f64() * 1000.0)),
+        ],
+    )?;
+    draw(
+        &panels[2],
+        "Allocator chosen vs the closest",
+        "RTT, ms (median)",
+        vec![("chosen", blue, xs(&|c| c.chosen_p50_ms)), ("closest", red, xs(&|c| c.best_p50_ms))],
+    )?;
+    root.present()?;
+    Ok(())
 }

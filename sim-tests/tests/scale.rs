@@ -1,0 +1,125 @@
+//! The scale scenarios on the event-driven engine (`physarum-sim scale N`), and the
+//! engine's agreement with the turmoil runs.
+//!
+//! `cargo test -p sim-tests --test scale` runs n = 10 and 100; the 1,000-node run is
+//! `cargo test -p sim-tests --release --test scale -- --ignored --nocapture`
+//! (or `physarum-sim run scenarios/scale-1000.json --engine des`).
+
+use physarum_net_sim::des::CostSummary;
+use physarum_net_sim::node::Fate;
+use physarum_net_sim::scale::scale_scenario;
+use physarum_net_sim::{run_des, Report, Scenario, ScenarioBuilder};
+use sim_tests::{host_of, run_one, secs};
+use std::collections::BTreeMap;
+
+fn scenario_file(n: usize) -> Scenario {
+    let path = format!("{}/../scenarios/scale-{n}.json", env!("CARGO_MANIFEST_DIR"));
+    Scenario::from_json(&std::fs::read_to_string(&path).expect("scenario file")).expect("valid scenario")
+}
+
+#[test]
+fn the_committed_scale_scenarios_are_the_generated_ones() {
+    for n in [10, 100, 1000] {
+        assert_eq!(
+            scenario_file(n),
+            scale_scenario(n),
+            "regenerate with: physarum-sim scale {n} > scenarios/scale-{n}.json"
+        );
+    }
+}
+
+fn run_scale(n: usize) -> (Report, CostSummary) {
+    let r = run_des(&scenario_file(n), 1).expect("run");
+    let cost = r.dht.as_ref().expect("des stats").summary();
+    println!("{}{cost:?}", r.summary());
+    (r, cost)
+}
+
+/// What every scale run must show: answers by the deadline, nearly all of them
+/// successes, and discovery that probes a bounded set of allocators.
+fn healthy(r: &Report, cost: &CostSummary) {
+    assert!(r.violations.is_empty(), "{:?}", r.violations);
+    let f = &r.figures;
+    assert!(f.ok * 100 >= f.sent * 99, "at least 99 % succeed: {}", r.figures_text());
+    // The provider cap (20 per key and responder) bounds the allocators a client probes.
+    assert!(cost.probes_max <= 40, "at most {} allocators probed", cost.probes_max);
+    assert!(cost.lookups > 0 && cost.allocations > 0);
+}
+
+#[test]
+fn scale_10_and_100() {
+    let (r10, c10) = run_scale(10);
+    healthy(&r10, &c10);
+    let (r100, c100) = run_scale(100);
+    healthy(&r100, &c100);
+    // Lookups cost more with n, but like log n: 10× the nodes, not 10× the messages.
+    assert!(c100.rpcs_p50 >= c10.rpcs_p50, "{c10:?} {c100:?}");
+    assert!(c100.rpcs_p50 <= c10.rpcs_p50 * 4 + 4, "{c10:?} {c100:?}");
+    assert!(c100.hops_p99 <= 6, "{c100:?}");
+    // At 100 nodes some 40 allocators exist; the one chosen is near the closest.
+    assert!(c100.excess_p50_ms < 5.0, "{c100:?}");
+}
+
+#[test]
+#[ignore = "about a minute in release: cargo test -p sim-tests --release --test scale -- --ignored --nocapture"]
+fn scale_1000() {
+    let (r, c) = run_scale(1000);
+    healthy(&r, &c);
+    assert!(c.hops_p99 <= 8, "{c:?}");
+}
+
+/// A small cluster where each client has one clearly nearer allocator.
+fn two_by_two() -> Scenario {
+    ScenarioBuilder::new("engines", 40_000)
+        .service("echo", 8, 200)
+        .bootstrap("boot1")
+        .bootstrap("boot2")
+        .registry("reg")
+        .allocator("alloc1")
+        .allocator("alloc2")
+        .client("c1")
+        .client("c2")
+        .link("c1", "alloc1", 2.0)
+        .link("c1", "alloc2", 12.0)
+        .link("c2", "alloc2", 3.0)
+        .link("c2", "alloc1", 14.0)
+        .requests("c1", "echo", 2000, 30_000, 2.0)
+        .requests("c2", "echo", 4000, 30_000, 2.0)
+        .build()
+        .unwrap()
+}
+
+/// Which allocator hosts served each client's successful requests, and how many.
+fn decisions(r: &Report) -> BTreeMap<(String, String), usize> {
+    let mut d = BTreeMap::new();
+    for q in &r.requests {
+        if let Fate::Answered { status, served_by: Some(by), .. } = &q.fate {
+            if (200..300).contains(status) {
+                *d.entry((q.client.clone(), host_of(by).to_string())).or_insert(0) += 1;
+            }
+        }
+    }
+    d
+}
+
+#[test]
+fn turmoil_and_the_event_driven_engine_decide_alike() {
+    let s = two_by_two();
+    let full = run_one("turmoil_and_the_event_driven_engine_decide_alike", &s, 3);
+    let des = run_des(&s, 3).expect("des run");
+    for r in [&full, &des] {
+        assert!(r.violations.is_empty(), "{:?}\n{}", r.violations, r.summary());
+        assert_eq!(r.figures.ok, r.figures.sent, "{}", r.summary());
+    }
+    // The same choices: every client on its nearer allocator, one instance each.
+    assert_eq!(decisions(&full), decisions(&des), "turmoil:\n{}\ndes:\n{}", full.timeline(), des.timeline());
+    assert_eq!(full.starts_of("echo"), des.starts_of("echo"), "instances started");
+    assert_eq!(full.figures.allocations, des.figures.allocations);
+    let want: BTreeMap<(String, String), usize> =
+        decisions(&des).into_iter().filter(|((c, a), _)| (c == "c1") == (a == "alloc1")).collect();
+    assert_eq!(decisions(&des), want, "each client on its nearer allocator");
+    // Latency differs by what each models (turmoil rounds every hop up to its 1 ms
+    // tick and carries real HTTP over TCP), by a few milliseconds at p50.
+    let (a, b) = (full.figures.p50, des.figures.p50);
+    assert!(a.abs_diff(b) < secs(1) / 100, "p50 turmoil {a:?} des {b:?}");
+}
