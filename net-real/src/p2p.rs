@@ -559,9 +559,16 @@ struct SwarmTask {
 
 impl SwarmTask {
     async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
-        let mut tick = tokio::time::interval(Duration::from_millis(20));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One timer, set to the next deadline of housekeeping (find deadlines and
+        // graces, bootstrap retries): an idle node does not wake up at all.
+        let far = || Instant::now() + Duration::from_secs(3600);
+        let timer = tokio::time::sleep_until(far());
+        tokio::pin!(timer);
         loop {
+            let due = self.next_housekeeping().unwrap_or_else(far);
+            if timer.deadline() != due {
+                timer.as_mut().reset(due);
+            }
             tokio::select! {
                 biased;
                 cmd = cmds.recv() => match cmd {
@@ -572,9 +579,19 @@ impl SwarmTask {
                     let _ = self.swarm.behaviour_mut().rr.send_response(channel, response);
                 }
                 event = self.swarm.select_next_some() => self.event(event),
-                _ = tick.tick() => self.housekeeping(),
+                _ = &mut timer => self.housekeeping(),
             }
         }
+    }
+
+    /// When [`SwarmTask::housekeeping`] has something to do next, if ever.
+    fn next_housekeeping(&self) -> Option<Instant> {
+        let finds = self.finds.values().flat_map(|f| {
+            let grace = f.grace.filter(|_| f.connecting.is_none());
+            [Some(f.deadline), grace].into_iter().flatten()
+        });
+        let boots = self.boots.iter().filter(|b| !b.connected && b.dialing.is_none() && !b.gave_up);
+        finds.chain(boots.filter_map(|b| b.next_try)).min()
     }
 
     fn command(&mut self, cmd: Cmd) {
