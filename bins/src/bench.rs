@@ -394,7 +394,10 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(root.join("logs")).with_context(|| format!("cannot create {}", root.display()))?;
     let conf = root.join("conf.json");
-    std::fs::write(&conf, "{\"Perf\": {\"SoftReq\": {\"RTT\": 100}, \"HardReq\": {\"RTT\": 1000}}, \"Bootstraps\": []}\n")?;
+    std::fs::write(
+        &conf,
+        "{\"Perf\": {\"SoftReq\": {\"RTT\": 100}, \"HardReq\": {\"RTT\": 1000}}, \"Bootstraps\": []}\n",
+    )?;
     let operator_path = root.join("operator.key");
     let operator = crate::keys::keygen(&operator_path)?;
     let common =
@@ -655,7 +658,14 @@ impl Bench {
         Ok(())
     }
 
-    async fn wrk(&self, round: usize, path: &'static str, conns: u32, url: &str, hops: &[Vec<u32>]) -> Result<WrkResult> {
+    async fn wrk(
+        &self,
+        round: usize,
+        path: &'static str,
+        conns: u32,
+        url: &str,
+        hops: &[Vec<u32>],
+    ) -> Result<WrkResult> {
         let app = self.cluster.pid("hello").unwrap_or(0);
         let proxies: Vec<u32> = hops.iter().flatten().copied().collect();
         let (p0, a0) = (cpu_of(&proxies), cpu_secs(app));
@@ -697,11 +707,15 @@ impl Bench {
         let nginx = format!("http://127.0.0.1:{}/{HELLO_SERVICE}/", self.nginx_front_port);
         let phys = format!("http://127.0.0.1:{}/{HELLO_SERVICE}/", self.client_port);
         let nginx_hops = self.nginx_pids();
-        let phys_hops = vec![vec![self.cluster.pid("client").unwrap_or(0)], vec![self.cluster.pid("sidecar").unwrap_or(0)]];
+        let phys_hops =
+            vec![vec![self.cluster.pid("client").unwrap_or(0)], vec![self.cluster.pid("sidecar").unwrap_or(0)]];
         let paths: [(&'static str, &str, &[Vec<u32>]); 3] =
             [("direct", &direct, &[]), ("nginx", &nginx, &nginx_hops), ("physarum", &phys, &phys_hops)];
         let conns = [1u32, 32];
-        eprintln!("bench: proxy overhead, {} rounds of {} s per path and concurrency", self.args.rounds, self.args.duration);
+        eprintln!(
+            "bench: proxy overhead, {} rounds of {} s per path and concurrency",
+            self.args.rounds, self.args.duration
+        );
         // Warm-up: every path once at each concurrency.
         for (_, url, _) in &paths {
             for c in conns {
@@ -762,7 +776,11 @@ impl Bench {
             row.physarum = fmt_num(p, 1);
             row.ratio = ratio(p, n);
             row.target = "≤ 1.00× nginx".into();
-            let (d, n, p) = (med("direct", c, |r| r.cpu_app_us), med("nginx", c, |r| r.cpu_app_us), med("physarum", c, |r| r.cpu_app_us));
+            let (d, n, p) = (
+                med("direct", c, |r| r.cpu_app_us),
+                med("nginx", c, |r| r.cpu_app_us),
+                med("physarum", c, |r| r.cpu_app_us),
+            );
             let row = self.report.row(format!("c{c} CPU µs per request of the app behind"));
             row.direct = fmt_num(d, 1);
             row.reference = fmt_num(n, 1);
@@ -787,12 +805,24 @@ impl Bench {
         let row = self.report.row("RSS under load (c32), front / back hop, MiB");
         row.reference = format!("{} / {}", fmt_num(rss("nginx", 0), 1), fmt_num(rss("nginx", 1), 1));
         row.physarum = format!("{} / {}", fmt_num(rss("physarum", 0), 1), fmt_num(rss("physarum", 1), 1));
-        let _ = writeln!(self.report.raw, "round\tpath\tconns\treq/s\tp50_us\tp99_us\trequests\terrors\tcpu_us_per_req_proxies\tcpu_us_per_req_app");
+        let _ = writeln!(
+            self.report.raw,
+            "round\tpath\tconns\treq/s\tp50_us\tp99_us\trequests\terrors\tcpu_us_per_req_proxies\tcpu_us_per_req_app"
+        );
         for r in &runs {
             let _ = writeln!(
                 self.report.raw,
                 "{}\t{}\t{}\t{:.0}\t{:.0}\t{:.0}\t{:.0}\t{:.0}\t{:.1}\t{:.1}",
-                r.round, r.path, r.conns, r.rps, r.p50_us, r.p99_us, r.requests, r.errors, r.cpu_proxies_us, r.cpu_app_us
+                r.round,
+                r.path,
+                r.conns,
+                r.rps,
+                r.p50_us,
+                r.p99_us,
+                r.requests,
+                r.errors,
+                r.cpu_proxies_us,
+                r.cpu_app_us
             );
         }
         Ok(())
@@ -814,7 +844,10 @@ impl Bench {
         let name = "allocator";
         let key = keyfile::generate_to(&self.cluster.root.join(format!("{name}.key")))?;
         let grant_path = self.cluster.root.join(format!("{name}.grant.json"));
-        crate::keys::write_grant(&crate::keys::grant(&self.operator_path, &keyfile::peer_id_string(&key))?, &grant_path)?;
+        crate::keys::write_grant(
+            &crate::keys::grant(&self.operator_path, &keyfile::peer_id_string(&key))?,
+            &grant_path,
+        )?;
         let m = local(free_port()?);
         let exec_root = self.cluster.exe.parent().context("this executable has no directory")?.display().to_string();
         let mut a = self.joined(Some(name));
@@ -854,7 +887,9 @@ impl Bench {
         for i in 1..=self.args.cold_runs {
             // Let the allocator cull the instances of earlier runs, so few run at once.
             let deadline = Instant::now() + Duration::from_secs(10);
-            while self.metric(alloc, "physarum_instances_running").await.unwrap_or(0.0) >= 4.0 && Instant::now() < deadline {
+            while self.metric(alloc, "physarum_instances_running").await.unwrap_or(0.0) >= 4.0
+                && Instant::now() < deadline
+            {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             let s0 = self.metric(alloc, "physarum_instance_start_latency_seconds_sum").await.unwrap_or(0.0);
@@ -875,7 +910,12 @@ impl Bench {
         let _ = writeln!(
             self.report.raw,
             "cold start, ms (total/starting): {}",
-            totals.iter().zip(&starts).map(|(t, s)| format!("{:.1}/{:.1}", t * 1e3, s * 1e3)).collect::<Vec<_>>().join(" ")
+            totals
+                .iter()
+                .zip(&starts)
+                .map(|(t, s)| format!("{:.1}/{:.1}", t * 1e3, s * 1e3))
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         Ok(())
     }
@@ -988,15 +1028,20 @@ impl Bench {
     }
 
     async fn sim(&mut self) -> Result<()> {
-        let path = self.args.sim_scenario.clone().unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/twenty-nodes-10min.json")
-        });
+        let path = self
+            .args
+            .sim_scenario
+            .clone()
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/twenty-nodes-10min.json"));
         let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
         let scenario = physarum_net_sim::Scenario::from_json(&text).map_err(|e| anyhow::anyhow!("{e}"))?;
         let simulated = scenario.duration_ms as f64 / 1000.0;
         let t0 = Instant::now();
-        // The cluster's daemons are other processes; nothing else runs here meanwhile.
-        physarum_net_sim::run(&scenario, 1).map_err(anyhow::Error::msg)?;
+        // The simulation builds its own runtime: on a thread of its own, which this
+        // (otherwise idle) task waits for.
+        std::thread::scope(|s| s.spawn(|| physarum_net_sim::run(&scenario, 1).map(drop)).join())
+            .map_err(|_| anyhow::anyhow!("the simulation panicked"))?
+            .map_err(anyhow::Error::msg)?;
         let wall = t0.elapsed().as_secs_f64();
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let r = self.report.row(format!("simulation speed, {name}"));
@@ -1017,11 +1062,24 @@ impl Bench {
             .unwrap_or_else(|| "unknown".into());
         let cpu = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
-            .and_then(|t| t.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+            })
             .unwrap_or_default();
         let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-        let _ = writeln!(out, "- machine: {cores} CPUs ({cpu}), commit {commit}, {} build", if cfg!(debug_assertions) { "debug" } else { "release" });
-        let _ = writeln!(out, "- load average (1/5/15 min): {load_before} before, {} after; took {:.0} s", load_average(), took.as_secs_f64());
+        let _ = writeln!(
+            out,
+            "- machine: {cores} CPUs ({cpu}), commit {commit}, {} build",
+            if cfg!(debug_assertions) { "debug" } else { "release" }
+        );
+        let _ = writeln!(
+            out,
+            "- load average (1/5/15 min): {load_before} before, {} after; took {:.0} s",
+            load_average(),
+            took.as_secs_f64()
+        );
         let _ = writeln!(out, "- command: `physarum bench {}`", self.args.command_line());
         for n in &self.report.notes {
             let _ = writeln!(out, "- {n}");

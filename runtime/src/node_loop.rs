@@ -18,8 +18,8 @@ use crate::app_check;
 use crate::front;
 use crate::limits::Limits;
 use crate::transport::{
-    Connector, ExitSink, Inbound, InboundRequest, InstanceDriver, Listener, NetEvent, NoApp, NoDriver, Observer,
-    Transport,
+    AdoptedInstance, Connector, ExitSink, Inbound, InboundRequest, InstanceDriver, Listener, NetEvent, NoApp, NoDriver,
+    Observer, Transport,
 };
 use crate::tunnel::{self, CredentialsCell, TunnelPool};
 use physarum_core::config::NodeConfig;
@@ -325,8 +325,12 @@ impl<T: Transport, D: InstanceDriver, C: Connector> NodeRuntime<T, D, C> {
             next_inbound: 0,
             tasks: JoinSet::new(),
         };
-        let shared =
-            Rc::new(LoopShared { state: RefCell::new(state), deferred: cmd_tx, armed: Cell::new(None), wake: Notify::new() });
+        let shared = Rc::new(LoopShared {
+            state: RefCell::new(state),
+            deferred: cmd_tx,
+            armed: Cell::new(None),
+            wake: Notify::new(),
+        });
         let handle = NodeHandle { core: shared.clone(), local, in_flight: Arc::default() };
         let mut tasks = Vec::new();
         if serve.is_some() {
@@ -607,10 +611,17 @@ async fn run_loop<T: Transport, D: InstanceDriver>(
     mut requests: mpsc::UnboundedReceiver<InboundRequest>,
     mut events: mpsc::UnboundedReceiver<NetEvent>,
 ) {
-    {
+    let (driver, exits_sink) = {
         let mut state = shared.state.borrow_mut();
         let now = state.now();
         state.drain(now);
+        (state.driver.clone(), state.exits.clone())
+    };
+    // Before any request can start an instance whose number an adopted one holds
+    // (allocators' requests come through this loop, which is not polling them yet).
+    for adopted in driver.adopt(exits_sink).await {
+        let AdoptedInstance { instance, service, peer } = adopted;
+        shared.state.borrow_mut().feed(Input::InstanceAdopted { instance, service, peer });
     }
     // One timer for the whole loop, moved to each new deadline.
     let timer = tokio::time::sleep(Duration::ZERO);
