@@ -185,6 +185,9 @@ pub enum Command {
     },
     /// Run a whole cluster on this machine: bootstrap, registry, allocators and a proxy
     Dev(DevArgs),
+    /// Measure the data plane beside nginx, cold start, discovery, failover,
+    /// footprint and simulation speed on loopback; print one Markdown table
+    Bench(BenchArgs),
     /// Run the allocator (as the `allocator` binary)
     Allocator(AllocatorCli),
     /// Run a proxy (as the `proxy` binary)
@@ -241,6 +244,57 @@ pub enum RegistryOp {
         #[arg(long, value_name = "KEYFILE")]
         operator_key: PathBuf,
     },
+}
+
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct BenchArgs {
+    /// Seconds of each load measurement (each wrk run; the failover's steady GETs
+    /// after the kill, 2 to 10)
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub duration: u64,
+    /// Interleaved rounds of the proxy-overhead runs; the table shows their median
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    pub rounds: u64,
+    /// Cold-start runs (each a service with no instance yet)
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    pub cold_runs: usize,
+    /// Cluster sizes (physarum nodes) of the discovery measurement, comma-separated
+    #[arg(long, value_name = "N,N,..", default_value = "5,20,50")]
+    pub discovery: String,
+    /// Fresh client proxies timed per cluster size
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub discovery_samples: usize,
+    /// Run only these sections, comma-separated: footprint, proxy, cold, discovery, failover, sim
+    #[arg(long, value_name = "LIST")]
+    pub only: Option<String>,
+    /// The scenario whose simulation speed is measured [default: the repository's
+    /// scenarios/twenty-nodes-10min.json]
+    #[arg(long, value_name = "FILE")]
+    pub sim_scenario: Option<PathBuf>,
+    /// Also write the report to FILE
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Run the daemons from this `physarum` executable instead of this one (to
+    /// compare two builds with the same bench)
+    #[arg(long, value_name = "EXE")]
+    pub daemons: Option<PathBuf>,
+    /// Keep the temporary directory with every daemon's log
+    #[arg(long)]
+    pub keep: bool,
+}
+
+impl BenchArgs {
+    /// The options as given, to print with the results.
+    pub fn command_line(&self) -> String {
+        let mut s = format!(
+            "--duration {} --rounds {} --cold-runs {} --discovery {} --discovery-samples {}",
+            self.duration, self.rounds, self.cold_runs, self.discovery, self.discovery_samples
+        );
+        if let Some(only) = &self.only {
+            s.push_str(&format!(" --only {only}"));
+        }
+        s
+    }
 }
 
 #[derive(Args, Debug, Clone, PartialEq, Eq)]

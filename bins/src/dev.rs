@@ -37,32 +37,36 @@ struct Daemon {
     metrics: SocketAddr,
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?.local_addr()?.port())
 }
 
-fn local(port: u16) -> SocketAddr {
+pub(crate) fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-fn tail(path: &Path, n: usize) -> String {
+pub(crate) fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-struct Cluster {
-    root: PathBuf,
-    logs: PathBuf,
+pub(crate) struct Cluster {
+    pub(crate) root: PathBuf,
+    pub(crate) logs: PathBuf,
     /// This executable: every daemon is one of its subcommands.
-    exe: PathBuf,
-    conf: PathBuf,
+    pub(crate) exe: PathBuf,
+    pub(crate) conf: PathBuf,
     daemons: Vec<Daemon>,
 }
 
 impl Cluster {
+    pub(crate) fn new(root: PathBuf, exe: PathBuf, conf: PathBuf) -> Cluster {
+        Cluster { logs: root.join("logs"), root, exe, conf, daemons: Vec::new() }
+    }
+
     /// Start `physarum <subcommand> ARGS…` (this very executable).
-    fn spawn(&mut self, name: &str, subcommand: &str, args: &[String], metrics: SocketAddr) -> Result<()> {
+    pub(crate) fn spawn(&mut self, name: &str, subcommand: &str, args: &[String], metrics: SocketAddr) -> Result<()> {
         let log = self.logs.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
         let err = out.try_clone()?;
@@ -85,7 +89,7 @@ impl Cluster {
     }
 
     /// Wait until the named daemons serve their metrics (they do once they run).
-    async fn wait_up(&mut self, names: &[String]) -> Result<()> {
+    pub(crate) async fn wait_up(&mut self, names: &[String]) -> Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         for d in self.daemons.iter_mut().filter(|d| names.contains(&d.name)) {
             loop {
@@ -106,26 +110,50 @@ impl Cluster {
 
     /// Stop every daemon, the proxy and allocators first (they stop their
     /// instances), the bootstrap last: SIGTERM, then SIGKILL after a grace.
-    async fn stop(&mut self) {
-        while let Some(mut d) = self.daemons.pop() {
-            if let Ok(Some(_)) = d.child.try_wait() {
-                continue;
-            }
-            if let Some(pid) = d.child.id() {
-                // SAFETY: signalling our own unreaped child.
-                unsafe {
-                    libc::kill(pid as libc::pid_t, libc::SIGTERM);
-                }
-            }
-            if tokio::time::timeout(Duration::from_secs(8), d.child.wait()).await.is_err() {
-                eprintln!("{} did not stop within 8 s: killing it", d.name);
-                let _ = d.child.kill().await;
-            }
+    pub(crate) async fn stop(&mut self) {
+        while let Some(d) = self.daemons.pop() {
+            Self::stop_daemon(d).await;
         }
     }
 
+    async fn stop_daemon(mut d: Daemon) {
+        if let Ok(Some(_)) = d.child.try_wait() {
+            return;
+        }
+        if let Some(pid) = d.child.id() {
+            // SAFETY: signalling our own unreaped child.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            }
+        }
+        if tokio::time::timeout(Duration::from_secs(8), d.child.wait()).await.is_err() {
+            eprintln!("{} did not stop within 8 s: killing it", d.name);
+            let _ = d.child.kill().await;
+        }
+    }
+
+    /// Stop the named daemon (as [`Cluster::stop`] does) and forget it.
+    pub(crate) async fn stop_one(&mut self, name: &str) {
+        if let Some(i) = self.daemons.iter().position(|d| d.name == name) {
+            Self::stop_daemon(self.daemons.remove(i)).await;
+        }
+    }
+
+    /// Kill the named daemon at once (SIGKILL, as a crash) and forget it.
+    pub(crate) async fn kill_one(&mut self, name: &str) {
+        if let Some(i) = self.daemons.iter().position(|d| d.name == name) {
+            let mut d = self.daemons.remove(i);
+            let _ = d.child.kill().await;
+        }
+    }
+
+    /// The process id of the named daemon, while it runs.
+    pub(crate) fn pid(&self, name: &str) -> Option<u32> {
+        self.daemons.iter().find(|d| d.name == name).and_then(|d| d.child.id())
+    }
+
     /// The first daemon that exited on its own, if any.
-    fn exited(&mut self) -> Option<(String, String, PathBuf)> {
+    pub(crate) fn exited(&mut self) -> Option<(String, String, PathBuf)> {
         self.daemons.iter_mut().find_map(|d| match d.child.try_wait() {
             Ok(Some(status)) => Some((d.name.clone(), status.to_string(), d.log.clone())),
             _ => None,
@@ -157,12 +185,10 @@ fn build_hello_image(physarum: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Register (or refresh) the bundled `hello-world-server` in the store, signed by
-/// `operator`: this executable's `hello` subcommand, or the demo image.
-fn seed_registry(data_dir: &Path, physarum: &Path, image: Option<&str>, operator: &SecretKey) -> Result<()> {
-    let store = RegistryStore::open(data_dir)?;
-    let mut entries = store.load()?;
-    let config = ServiceConfig {
+/// The bundled demo service's config: this executable's `hello` subcommand, or
+/// the demo image.
+pub(crate) fn hello_config(physarum: &Path, image: Option<&str>) -> ServiceConfig {
+    ServiceConfig {
         name: Some(HELLO_SERVICE.into()),
         exec: match image {
             Some(_) => None,
@@ -180,11 +206,20 @@ fn seed_registry(data_dir: &Path, physarum: &Path, image: Option<&str>, operator
         memory_req: if image.is_some() { 64 } else { 16 },
         stateful: false,
         client_mode: false,
-    };
-    let info = config.to_service_info(None, Path::new("/"))?;
-    let version = entries.iter().find(|e| e.name == HELLO_SERVICE).map_or(1, |e| e.version + 1);
-    entries.retain(|e| e.name != HELLO_SERVICE);
-    entries.push(SignedEntry::sign(HELLO_SERVICE.into(), version, Some(info), operator));
+    }
+}
+
+/// Register (or refresh) each service `config` in the store, signed by `operator`.
+pub(crate) fn seed_registry(data_dir: &Path, configs: &[ServiceConfig], operator: &SecretKey) -> Result<()> {
+    let store = RegistryStore::open(data_dir)?;
+    let mut entries = store.load()?;
+    for config in configs {
+        let name = config.name.clone().context("a seeded service needs a name")?;
+        let info = config.to_service_info(None, Path::new("/"))?;
+        let version = entries.iter().find(|e| e.name == name).map_or(1, |e| e.version + 1);
+        entries.retain(|e| e.name != name);
+        entries.push(SignedEntry::sign(name, version, Some(info), operator));
+    }
     store.save(&entries)
 }
 
@@ -224,10 +259,9 @@ pub async fn run(args: DevArgs) -> Result<()> {
         }
         DriverKind::Process => None,
     };
-    seed_registry(&data_dir, &exe, image, &operator)?;
+    seed_registry(&data_dir, &[hello_config(&exe, image)], &operator)?;
 
-    let mut cluster =
-        Cluster { logs: root.join("logs"), root: root.clone(), exe, conf: conf.clone(), daemons: Vec::new() };
+    let mut cluster = Cluster::new(root.clone(), exe, conf.clone());
     let result = run_cluster(&mut cluster, &args, &data_dir, proxy_addr, (&key_path, &operator)).await;
     eprintln!("\nStopping the cluster...");
     cluster.stop().await;

@@ -2,6 +2,7 @@
 //! `physarum` CLI) and what they share: command-line definitions, config loading,
 //! service configs, the registry's persistent store, logging.
 
+pub mod bench;
 pub mod cli;
 pub mod conf;
 pub mod daemon;

@@ -23,6 +23,10 @@ fn main() -> ExitCode {
             physarum::logging::init_with_default("warn");
             physarum::daemon::block_on("physarum dev", physarum::dev::run(args))
         }
+        Command::Bench(args) => {
+            physarum::logging::init_with_default("warn");
+            physarum::daemon::block_on("physarum bench", physarum::bench::run(args))
+        }
         Command::Allocator(cli) => {
             physarum::logging::init();
             physarum::daemon::block_on("allocator", daemons::allocator::run(cli, Launcher::Multicall))

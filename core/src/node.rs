@@ -61,6 +61,9 @@ pub struct Node {
     awaiting_registry: BTreeSet<String>,
     registry_find_in_flight: bool,
     ops: BTreeMap<OpId, PendingOp>,
+    /// The operations' deadlines in time order: the next one is the first, and
+    /// expiry takes them from the front (no scan of `ops` per input).
+    op_deadlines: BTreeSet<(Instant, OpId)>,
     next_op: u64,
     /// Rendezvous keys of this node's roles, re-advertised periodically.
     role_keys: Vec<DhtKey>,
@@ -105,6 +108,7 @@ impl Node {
             awaiting_registry: BTreeSet::new(),
             registry_find_in_flight: false,
             ops: BTreeMap::new(),
+            op_deadlines: BTreeSet::new(),
             next_op: 0,
             role_keys,
             next_role_advertise: now,
@@ -141,6 +145,7 @@ impl Node {
             Input::PeerRequest { id, from, request } => self.peer_request(now, id, from, request),
             Input::OpDone { op, result } => {
                 if let Some(pending) = self.ops.remove(&op) {
+                    self.op_deadlines.remove(&(pending.deadline, op));
                     self.op_done(now, pending, result);
                 }
             }
@@ -170,7 +175,7 @@ impl Node {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let mut t = self.ops.values().map(|o| o.deadline).min();
+        let mut t = self.op_deadlines.first().map(|(at, _)| *at);
         t = earliest(t, self.manager.poll_timeout());
         t = earliest(t, self.registry_cache.poll_timeout());
         t = earliest(t, self.allocator.as_ref().and_then(|a| a.poll_timeout()));
@@ -199,8 +204,11 @@ impl Node {
 
     /// Run every timer that is due: operation timeouts first, then the machines'.
     fn on_time(&mut self, now: Instant) {
-        let expired: Vec<OpId> = self.ops.iter().filter(|(_, o)| o.deadline <= now).map(|(id, _)| *id).collect();
-        for op in expired {
+        while let Some(&(at, op)) = self.op_deadlines.first() {
+            if at > now {
+                break;
+            }
+            self.op_deadlines.pop_first();
             if let Some(pending) = self.ops.remove(&op) {
                 self.op_done(now, pending, OpResult::Failed("timed out".into()));
             }
@@ -248,7 +256,9 @@ impl Node {
     fn start_op(&mut self, now: Instant, owner: Owner, timeout: Duration, probed: Option<PeerId>) -> OpId {
         self.next_op += 1;
         let op = OpId(self.next_op);
-        self.ops.insert(op, PendingOp { owner, deadline: now + timeout, probed });
+        let deadline = now + timeout;
+        self.ops.insert(op, PendingOp { owner, deadline, probed });
+        self.op_deadlines.insert((deadline, op));
         op
     }
 

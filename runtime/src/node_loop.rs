@@ -7,6 +7,12 @@
 //! never awaits the network, so routing a request to a cached peer never waits
 //! behind probes or allocations. Deterministic-friendly: `tokio::time` only, `biased`
 //! selects, ordered maps only.
+//!
+//! The front end and the tunnel server run on the loop's thread, so their inputs
+//! go into the core directly (a [`NodeHandle`] borrows the loop's state for the
+//! call): a request routed to a cached peer is decided on the caller's task with no
+//! hand-off, and the loop is woken only when the core's next deadline moved earlier.
+//! The loop owns one timer, reset to the core's `poll_timeout()`.
 
 use crate::app_check;
 use crate::front;
@@ -22,13 +28,14 @@ use physarum_core::time::Instant;
 use physarum_core::types::{ContentHash, InboundId, InstanceId, OpId, PeerId, ReqId};
 use physarum_core::wire::Response;
 use physarum_core::Node;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::{JoinHandle, JoinSet};
 
 /// The core's `Instant` for a node loop that started at `start` (its `Instant::ZERO`).
@@ -89,16 +96,41 @@ impl Default for RuntimeConfig {
     }
 }
 
-/// What the front end and the tunnel server ask of the node loop.
+/// What the front end and the tunnel server ask of the node loop, when they cannot
+/// feed it directly (a fake core in tests; a call made while the loop's state is
+/// in use).
 pub(crate) enum Command {
     Http { service: String, deadline: Duration, reply: oneshot::Sender<Outcome>, retry: bool },
     Input(Input),
 }
 
-/// A cheap, cloneable handle on a running node loop.
+/// The core behind a [`NodeHandle`]: a running loop, or (tests) whoever reads the
+/// commands.
+trait CoreLink {
+    fn http(&self, service: String, deadline: Duration, retry: bool) -> Option<oneshot::Receiver<Outcome>>;
+    fn feed(&self, input: Input);
+}
+
+/// Commands to a fake core (tests).
+#[cfg(test)]
+struct CommandLink(mpsc::UnboundedSender<Command>);
+
+#[cfg(test)]
+impl CoreLink for CommandLink {
+    fn http(&self, service: String, deadline: Duration, retry: bool) -> Option<oneshot::Receiver<Outcome>> {
+        let (reply, rx) = oneshot::channel();
+        self.0.send(Command::Http { service, deadline, reply, retry }).ok()?;
+        Some(rx)
+    }
+    fn feed(&self, input: Input) {
+        let _ = self.0.send(Command::Input(input));
+    }
+}
+
+/// A cheap, cloneable handle on a running node loop (on the loop's thread).
 #[derive(Clone)]
 pub struct NodeHandle {
-    cmd: mpsc::UnboundedSender<Command>,
+    core: Rc<dyn CoreLink>,
     local: PeerId,
     /// Client requests and tunnelled requests in flight (for draining on shutdown).
     in_flight: Arc<AtomicUsize>,
@@ -109,7 +141,7 @@ impl NodeHandle {
     #[cfg(test)]
     pub(crate) fn for_test(local: PeerId) -> (NodeHandle, mpsc::UnboundedReceiver<Command>) {
         let (cmd, rx) = mpsc::unbounded_channel();
-        (NodeHandle { cmd, local, in_flight: Arc::default() }, rx)
+        (NodeHandle { core: Rc::new(CommandLink(cmd)), local, in_flight: Arc::default() }, rx)
     }
 
     /// This node's peer id.
@@ -120,9 +152,8 @@ impl NodeHandle {
     /// Ask the core what to do with a client request for `service` (the first path
     /// segment), to be decided within `deadline`. `None` when the loop has stopped.
     pub async fn request(&self, service: String, deadline: Duration) -> Option<Outcome> {
-        let (reply, rx) = oneshot::channel();
-        self.cmd.send(Command::Http { service, deadline, reply, retry: false }).ok()?;
-        rx.await.ok()
+        // A cached route is already answered here: the receiver is ready at once.
+        self.core.http(service, deadline, false)?.await.ok()
     }
 
     /// Forwarding a routed request failed: the core evicts the peer.
@@ -158,15 +189,13 @@ impl NodeHandle {
 
     /// Route a request again after its try failed (the core checks its retry budget).
     pub async fn retry(&self, service: String, deadline: Duration) -> Option<Outcome> {
-        let (reply, rx) = oneshot::channel();
-        self.cmd.send(Command::Http { service, deadline, reply, retry: true }).ok()?;
-        rx.await.ok()
+        self.core.http(service, deadline, true)?.await.ok()
     }
 
     /// Feed any other input (not `HttpRequest`: use [`NodeHandle::request`]; not
     /// `PeerRequest`/`OpDone`: those belong to the loop).
     pub fn feed(&self, input: Input) {
-        let _ = self.cmd.send(Command::Input(input));
+        self.core.feed(input);
     }
 }
 
@@ -268,7 +297,6 @@ impl<T: Transport, D: InstanceDriver, C: Connector> NodeRuntime<T, D, C> {
     pub fn spawn(self) -> Running<T> {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let local = self.transport.local_peer();
-        let handle = NodeHandle { cmd: cmd_tx, local, in_flight: Arc::default() };
         let Inbound { requests, tunnels, events } = self.inbound;
         let serve = self.node_config.serve.clone();
         let start = tokio::time::Instant::now();
@@ -276,6 +304,34 @@ impl<T: Transport, D: InstanceDriver, C: Connector> NodeRuntime<T, D, C> {
         verifier.issuer = None;
         let pool = Rc::new(TunnelPool::new(self.transport.clone(), &self.config, verifier, start));
         let credentials = CredentialsCell::default();
+        let node = Node::new(self.node_config, self.seed, Instant::ZERO);
+        let (ops_tx, ops_rx) = mpsc::unbounded_channel();
+        let (local_tx, local_rx) = mpsc::unbounded_channel();
+        let (exit_tx, exit_rx) = ExitSink::channel();
+        let state = LoopState {
+            node,
+            start,
+            transport: self.transport,
+            driver: Rc::new(self.driver),
+            observer: self.observer.clone(),
+            config: self.config.clone(),
+            credentials: credentials.clone(),
+            ops_tx,
+            local_tx,
+            exits: exit_tx,
+            pending_http: BTreeMap::new(),
+            next_req: 0,
+            pending_peer: BTreeMap::new(),
+            next_inbound: 0,
+            tasks: JoinSet::new(),
+        };
+        let shared = Rc::new(LoopShared {
+            state: RefCell::new(state),
+            deferred: cmd_tx,
+            armed: Cell::new(None),
+            wake: Notify::new(),
+        });
+        let handle = NodeHandle { core: shared.clone(), local, in_flight: Arc::default() };
         let mut tasks = Vec::new();
         if serve.is_some() {
             let check = app_check::check_app(
@@ -291,31 +347,10 @@ impl<T: Transport, D: InstanceDriver, C: Connector> NodeRuntime<T, D, C> {
             serve,
             self.app,
             handle.clone(),
-            credentials.clone(),
+            credentials,
             self.config.tunnel_hello_timeout,
         ));
-        let node = Node::new(self.node_config, self.seed, Instant::ZERO);
-        let (ops_tx, ops_rx) = mpsc::unbounded_channel();
-        let (local_tx, local_rx) = mpsc::unbounded_channel();
-        let (exit_tx, exit_rx) = ExitSink::channel();
-        let state = LoopState {
-            node,
-            start,
-            transport: self.transport,
-            driver: Rc::new(self.driver),
-            observer: self.observer.clone(),
-            config: self.config.clone(),
-            credentials,
-            ops_tx,
-            local_tx,
-            exits: exit_tx,
-            pending_http: BTreeMap::new(),
-            next_req: 0,
-            pending_peer: BTreeMap::new(),
-            next_inbound: 0,
-            tasks: JoinSet::new(),
-        };
-        let loop_task = tokio::task::spawn_local(state.run(cmd_rx, ops_rx, local_rx, exit_rx, requests, events));
+        let loop_task = tokio::task::spawn_local(run_loop(shared, cmd_rx, ops_rx, local_rx, exit_rx, requests, events));
         let limits = Rc::new(Limits::new(&self.config));
         // The loop task stays second: `Running::stopped` waits on it.
         tasks.splice(0..0, [tunnel_task, loop_task]);
@@ -408,68 +443,27 @@ impl<T: Transport, D: InstanceDriver> LoopState<T, D> {
         self.drain(now);
     }
 
-    async fn run(
-        mut self,
-        mut cmds: mpsc::UnboundedReceiver<Command>,
-        mut ops: mpsc::UnboundedReceiver<(OpId, OpResult)>,
-        mut locals: mpsc::UnboundedReceiver<Input>,
-        mut exits: mpsc::UnboundedReceiver<InstanceId>,
-        mut requests: mpsc::UnboundedReceiver<InboundRequest>,
-        mut events: mpsc::UnboundedReceiver<NetEvent>,
-    ) {
-        let now = self.now();
-        self.drain(now);
-        // Before any request can start an instance whose number an adopted one holds.
-        for adopted in self.driver.adopt(self.exits.clone()).await {
-            let AdoptedInstance { instance, service, peer } = adopted;
-            self.feed(Input::InstanceAdopted { instance, service, peer });
+    /// A client request (or its retry) for `service`: the core answers on `reply`.
+    fn http(&mut self, service: String, deadline: Duration, reply: oneshot::Sender<Outcome>, retry: bool) {
+        let req = ReqId(self.next_req);
+        self.next_req += 1;
+        self.pending_http.insert(req, reply);
+        let deadline = self.now() + deadline;
+        match retry {
+            false => self.feed(Input::HttpRequest { req, service, deadline }),
+            true => self.feed(Input::HttpRetry { req, service, deadline }),
         }
-        loop {
-            let wake = self.node.poll_timeout().map(|t| self.to_tokio(t));
-            let sleep = async move {
-                match wake {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                biased;
-                _ = sleep => self.feed(Input::Tick),
-                Some((op, result)) = ops.recv() => self.feed(Input::OpDone { op, result }),
-                Some(cmd) = cmds.recv() => match cmd {
-                    Command::Http { service, deadline, reply, retry } => {
-                        let req = ReqId(self.next_req);
-                        self.next_req += 1;
-                        self.pending_http.insert(req, reply);
-                        let deadline = self.now() + deadline;
-                        match retry {
-                            false => self.feed(Input::HttpRequest { req, service, deadline }),
-                            true => self.feed(Input::HttpRetry { req, service, deadline }),
-                        }
-                    }
-                    Command::Input(input) => self.feed(input),
-                },
-                Some(input) = locals.recv() => self.feed(input),
-                Some(instance) = exits.recv() => self.feed(Input::InstanceExited { instance }),
-                Some(InboundRequest { from, request, reply }) = requests.recv() => {
-                    let id = InboundId(self.next_inbound);
-                    self.next_inbound += 1;
-                    self.pending_peer.insert(id, reply);
-                    self.feed(Input::PeerRequest { id, from, request });
-                }
-                Some(event) = events.recv() => match event {
-                    NetEvent::BootstrapConnected => self.feed(Input::BootstrapConnected),
-                },
-                Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
-            }
-            // Answer slots whose asker is gone (the core answers every request, so this
-            // only guards against a bug) are dropped once there are many.
-            if self.pending_peer.len() > 1024 {
-                self.pending_peer.retain(|_, tx| !tx.is_closed());
-            }
-            if self.pending_http.len() > 4096 {
-                self.pending_http.retain(|_, tx| !tx.is_closed());
-            }
+        // Answer slots whose asker is gone (the core answers every request, so this
+        // only guards against a bug) are dropped once there are many.
+        if self.pending_http.len() > 4096 {
+            self.pending_http.retain(|_, tx| !tx.is_closed());
+        }
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Http { service, deadline, reply, retry } => self.http(service, deadline, reply, retry),
+            Command::Input(input) => self.feed(input),
         }
     }
 
@@ -551,5 +545,125 @@ impl<T: Transport, D: InstanceDriver> LoopState<T, D> {
             };
             let _ = done.send((op, result));
         });
+    }
+}
+
+/// The loop's state, shared with the [`NodeHandle`]s on its thread so that they
+/// feed the core directly.
+struct LoopShared<T: Transport, D: InstanceDriver> {
+    state: RefCell<LoopState<T, D>>,
+    /// Commands that could not be fed directly (the state was borrowed: a guard
+    /// dropped while the loop executes an output); the loop feeds them.
+    deferred: mpsc::UnboundedSender<Command>,
+    /// The deadline the loop's timer is set to.
+    armed: Cell<Option<Instant>>,
+    /// Wakes the loop when a direct input moved the core's next deadline earlier.
+    wake: Notify,
+}
+
+impl<T: Transport, D: InstanceDriver> LoopShared<T, D> {
+    /// After a direct input: wake the loop if its timer is now too late.
+    fn rearm(&self) {
+        let next = self.state.borrow().node.poll_timeout();
+        if next.is_some_and(|n| self.armed.get().is_none_or(|a| n < a)) {
+            self.wake.notify_one();
+        }
+    }
+}
+
+impl<T: Transport, D: InstanceDriver> CoreLink for LoopShared<T, D> {
+    fn http(&self, service: String, deadline: Duration, retry: bool) -> Option<oneshot::Receiver<Outcome>> {
+        let (reply, rx) = oneshot::channel();
+        match self.state.try_borrow_mut() {
+            Ok(mut state) => {
+                state.http(service, deadline, reply, retry);
+                drop(state);
+                self.rearm();
+            }
+            Err(_) => self.deferred.send(Command::Http { service, deadline, reply, retry }).ok()?,
+        }
+        Some(rx)
+    }
+
+    fn feed(&self, input: Input) {
+        match self.state.try_borrow_mut() {
+            Ok(mut state) => {
+                state.feed(input);
+                drop(state);
+                self.rearm();
+            }
+            Err(_) => {
+                let _ = self.deferred.send(Command::Input(input));
+            }
+        }
+    }
+}
+
+/// The loop: the core's timer, operation results, deferred commands, peer requests
+/// and network events. Each is fed to the core with the state borrowed only for
+/// that call.
+async fn run_loop<T: Transport, D: InstanceDriver>(
+    shared: Rc<LoopShared<T, D>>,
+    mut cmds: mpsc::UnboundedReceiver<Command>,
+    mut ops: mpsc::UnboundedReceiver<(OpId, OpResult)>,
+    mut locals: mpsc::UnboundedReceiver<Input>,
+    mut exits: mpsc::UnboundedReceiver<InstanceId>,
+    mut requests: mpsc::UnboundedReceiver<InboundRequest>,
+    mut events: mpsc::UnboundedReceiver<NetEvent>,
+) {
+    let (driver, exits_sink) = {
+        let mut state = shared.state.borrow_mut();
+        let now = state.now();
+        state.drain(now);
+        (state.driver.clone(), state.exits.clone())
+    };
+    // Before any request can start an instance whose number an adopted one holds
+    // (allocators' requests come through this loop, which is not polling them yet).
+    for adopted in driver.adopt(exits_sink).await {
+        let AdoptedInstance { instance, service, peer } = adopted;
+        shared.state.borrow_mut().feed(Input::InstanceAdopted { instance, service, peer });
+    }
+    // One timer for the whole loop, moved to each new deadline.
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
+    loop {
+        let wake = {
+            let state = shared.state.borrow();
+            state.node.poll_timeout().map(|t| (t, state.to_tokio(t)))
+        };
+        shared.armed.set(wake.map(|(t, _)| t));
+        if let Some((_, at)) = wake {
+            if timer.deadline() != at {
+                timer.as_mut().reset(at);
+            }
+        }
+        let reap = std::future::poll_fn(|cx| match shared.state.borrow_mut().tasks.poll_join_next(cx) {
+            std::task::Poll::Ready(Some(_)) => std::task::Poll::Ready(()),
+            _ => std::task::Poll::Pending,
+        });
+        tokio::select! {
+            biased;
+            _ = &mut timer, if wake.is_some() => shared.state.borrow_mut().feed(Input::Tick),
+            _ = shared.wake.notified() => {}
+            Some((op, result)) = ops.recv() => shared.state.borrow_mut().feed(Input::OpDone { op, result }),
+            Some(cmd) = cmds.recv() => shared.state.borrow_mut().command(cmd),
+            Some(input) = locals.recv() => shared.state.borrow_mut().feed(input),
+            Some(instance) = exits.recv() => shared.state.borrow_mut().feed(Input::InstanceExited { instance }),
+            Some(InboundRequest { from, request, reply }) = requests.recv() => {
+                let mut state = shared.state.borrow_mut();
+                let id = InboundId(state.next_inbound);
+                state.next_inbound += 1;
+                state.pending_peer.insert(id, reply);
+                state.feed(Input::PeerRequest { id, from, request });
+                // Answer slots whose asker is gone are dropped once there are many.
+                if state.pending_peer.len() > 1024 {
+                    state.pending_peer.retain(|_, tx| !tx.is_closed());
+                }
+            }
+            Some(event) = events.recv() => match event {
+                NetEvent::BootstrapConnected => shared.state.borrow_mut().feed(Input::BootstrapConnected),
+            },
+            _ = reap => {}
+        }
     }
 }

@@ -39,6 +39,9 @@ use tokio::sync::mpsc;
 
 type Key = (PeerId, String);
 
+/// How long a pooled stream may take to become ready for its next request.
+const POOLED_READY_WAIT: Duration = Duration::from_secs(1);
+
 /// Why a request could not be forwarded; `unsent` gives it back when none of it
 /// reached the instance, so it may be sent elsewhere.
 #[derive(Debug)]
@@ -106,16 +109,17 @@ impl<T: Transport> TunnelPool<T> {
         self.idle.borrow().get(&(peer.clone(), service.to_string())).map_or(0, Vec::len)
     }
 
+    /// A pooled stream for `key` that is still open, a ready one first. A stream
+    /// whose response just ended may not be ready yet (its connection task has not
+    /// run since): the caller waits for it in [`TunnelPool::send`].
     fn take_idle(&self, key: &Key) -> Option<SendRequest<RequestBody>> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(key)?;
-        let mut found = None;
-        while let Some(s) = list.pop() {
-            if s.is_ready() {
-                found = Some(s);
-                break;
-            }
-        }
+        list.retain(|s| !s.is_closed());
+        let found = match list.iter().rposition(|s| s.is_ready()) {
+            Some(i) => Some(list.swap_remove(i)),
+            None => list.pop(),
+        };
         // No key outlives its streams: the map follows the peers in use.
         if list.is_empty() {
             idle.remove(key);
@@ -123,19 +127,17 @@ impl<T: Transport> TunnelPool<T> {
         found
     }
 
-    fn put_idle(self: &Rc<Self>, key: Key, mut sender: SendRequest<RequestBody>) {
-        let pool = self.clone();
-        // The connection becomes ready again once its task has seen the response end.
-        tokio::task::spawn_local(async move {
-            let ready = tokio::time::timeout(Duration::from_secs(1), sender.ready()).await;
-            if matches!(ready, Ok(Ok(()))) {
-                let mut idle = pool.idle.borrow_mut();
-                let list = idle.entry(key).or_default();
-                if list.len() < pool.max_idle {
-                    list.push(sender);
-                }
-            }
-        });
+    /// Back into the pool once its response body has ended: at once, with no task
+    /// of its own (the next user waits for its readiness, see `take_idle`).
+    fn put_idle(&self, key: Key, sender: SendRequest<RequestBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.entry(key).or_default();
+        if list.len() < self.max_idle {
+            list.push(sender);
+        }
     }
 
     /// Open a fresh stream to `peer` for `service`: open, hello, ack (with the
@@ -179,7 +181,15 @@ impl<T: Transport> TunnelPool<T> {
         let mut fresh_failures = 0;
         let mut last_err = String::new();
         loop {
-            let (mut sender, fresh) = match self.take_idle(&key) {
+            let pooled = match self.take_idle(&key) {
+                // Ready once its connection has seen the last response end.
+                Some(mut s) => match tokio::time::timeout(POOLED_READY_WAIT, s.ready()).await {
+                    Ok(Ok(())) => Some(s),
+                    _ => continue,
+                },
+                None => None,
+            };
+            let (mut sender, fresh) = match pooled {
                 Some(s) => (s, false),
                 None => {
                     if fresh_failures >= 2 {
