@@ -16,7 +16,9 @@ fn secs(n: u64) -> Duration {
 }
 
 fn registry_gets_to(w: &World, name: &str) -> usize {
-    w.count(|o| matches!(o, Output::SendRequest { peer, request: Request::RegistryGet { .. }, .. } if peer.peer.0 == name))
+    w.count(
+        |o| matches!(o, Output::SendRequest { peer, request: Request::RegistryGet { .. }, .. } if peer.peer.0 == name),
+    )
 }
 
 /// Send a request every 100 ms for `d`; the outcome of each, in order.
