@@ -1,7 +1,8 @@
 //! The docker instance driver end to end: an allocator with `--driver docker` runs
 //! the registered image as a container (host networking, limits, labels), the
 //! client gets `Hello, world`, the idle cull removes the container, and a restarted
-//! allocator removes the containers its killed predecessor left behind.
+//! allocator adopts the running containers its killed predecessor left behind and
+//! removes the stopped ones.
 //! Skipped, with a message, where no Docker engine runs.
 
 mod common;
@@ -86,17 +87,32 @@ fn docker_driver_runs_culls_and_cleans_up_containers() {
     wait_containers(&owner, 0, Duration::from_secs(30), &c);
 
     // Again: a new container. Kill the allocator outright: the container stays
-    // behind; the restarted allocator (same identity) removes it.
+    // behind; the restarted allocator (same identity) adopts it, serves from it
+    // without starting another, and culls it when idle. A stopped container of the
+    // earlier run is removed.
     let r = get(c.proxy_addr, &format!("/{SERVICE}/hello")).unwrap();
     assert_eq!(r.status, 200, "{}\n{}", r.text(), c.logs());
-    wait_containers(&owner, 1, Duration::from_secs(5), &c);
+    let running = wait_containers(&owner, 1, Duration::from_secs(5), &c);
     c.allocators[0].proc.signal(libc::SIGKILL);
     c.allocators[0].proc.wait_exit(Duration::from_secs(10)).expect("the allocator dies");
-    assert_eq!(containers_labelled(&owner).len(), 1, "the killed allocator's container is left behind");
+    assert_eq!(containers_labelled(&owner), running, "the killed allocator's container is left behind");
+    // `docker ps -q` lists short ids.
+    let stopped = docker_ok(&["create", "--label", &owner, TEST_IMAGE])[..12].to_string();
     c.allocators.pop();
     c.start_allocator_with(DOCKER_ALLOCATOR);
-    wait_containers(&owner, 0, Duration::from_secs(20), &c);
-    assert!(c.allocators[0].proc.log_text().contains("Removed 1 containers an earlier run"), "{}", c.logs());
+    let adopted = poll_until(Duration::from_secs(20), || {
+        let log = c.allocators[0].proc.log_text();
+        log.contains("Adopted 1 running containers").then_some(log)
+    });
+    let log = adopted.unwrap_or_else(|| panic!("no adoption\n{}", c.logs()));
+    assert!(log.contains("Removed 1 containers an earlier run"), "{log}");
+    assert!(!containers_labelled(&owner).contains(&stopped), "the stopped leftover is removed");
+    let r = get(c.proxy_addr, &format!("/{SERVICE}/hello")).unwrap();
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), c.logs());
+    assert_eq!(containers_labelled(&owner), running, "served by the adopted container, none started");
+    wait_containers(&owner, 0, Duration::from_secs(30), &c);
+    let log = c.allocators[0].proc.log_text();
+    assert!(log.contains("container physarum-") && log.contains("stopped and removed"), "{log}");
 
     // The restarted allocator serves again, and a clean stop removes its container.
     let served = poll_until(Duration::from_secs(30), || {

@@ -59,6 +59,13 @@ pub enum AllocatorInput {
     InstanceExited {
         instance: InstanceId,
     },
+    /// An instance an earlier run started is still running: it is certified afresh
+    /// and then served and culled like one started now. Its number is not reused.
+    Adopted {
+        instance: InstanceId,
+        service: ServiceInfo,
+        peer: PeerAddr,
+    },
     /// The answer to [`AllocatorOutput::QueryIdle`]: seconds idle, or why the query failed.
     IdleAnswer {
         token: u64,
@@ -191,6 +198,7 @@ impl Allocator {
                 self.on_gone(instance, "instance exited before it was up".to_string(), "instance exited".to_string())
             }
             AllocatorInput::IdleAnswer { token, result } => self.on_idle_answer(token, result),
+            AllocatorInput::Adopted { instance, service, peer } => self.on_adopted(now, instance, service, peer),
         }
     }
 
@@ -403,6 +411,18 @@ impl Allocator {
         let InstanceState::Starting { waiters, .. } = &mut inst.state else { return };
         let waiters = std::mem::take(waiters);
         inst.state = InstanceState::Certifying { peer: peer.clone(), waiters };
+        self.query(now, instance);
+    }
+
+    /// An instance of an earlier run: certifying it is its first idle query, so one
+    /// that no longer answers, or refuses the credentials, is stopped.
+    fn on_adopted(&mut self, now: Instant, instance: InstanceId, service: ServiceInfo, peer: PeerAddr) {
+        if self.instances.contains_key(&instance) {
+            return;
+        }
+        self.next_instance = self.next_instance.max(instance.0.wrapping_add(1));
+        let state = InstanceState::Certifying { peer, waiters: Vec::new() };
+        self.instances.insert(instance, Instance { service, state });
         self.query(now, instance);
     }
 
@@ -922,6 +942,73 @@ mod tests {
     }
 
     /// Bring one instance up, run a cull round and answer its idle query with `result`.
+    /// Adopt instance 7 of `svc` running as `peer`; returns the certifying query's outputs.
+    fn adopt(a: &mut Allocator, now: Instant, svc: &ServiceInfo, peer: &str) -> Vec<AllocatorOutput> {
+        let adopted = AllocatorInput::Adopted { instance: InstanceId(7), service: svc.clone(), peer: addr(peer) };
+        a.handle_input(now, adopted);
+        drain(a)
+    }
+
+    #[test]
+    fn an_adopted_instance_is_certified_then_served_culled_and_counted() {
+        let mut a = new_alloc(AllocatorConfig { max_instances: 2, ..AllocatorConfig::default() });
+        let svc = info("web", 1, 1);
+        let outs = adopt(&mut a, at(0), &svc, "old");
+        let creds: Vec<_> = outs
+            .iter()
+            .filter_map(|o| match o {
+                AllocatorOutput::QueryIdle { peer, credentials, .. } => Some((peer.clone(), credentials.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(creds.len(), 1, "{outs:?}");
+        let (peer, credentials) = &creds[0];
+        assert_eq!(peer, &addr("old"));
+        let credentials = credentials.clone().expect("fresh credentials for the adopted instance");
+        assert_eq!(credentials.cert.instance, PeerId("old".into()));
+        let token = idle_queries(&outs)[0].0;
+        a.handle_input(at(0), AllocatorInput::IdleAnswer { token, result: Ok(0) });
+        drain(&mut a);
+
+        // Served without a start; a new instance gets a number past the adopted one.
+        request(&mut a, at(1), 1, "web");
+        resolve(&mut a, at(1), "web", Ok(Some(svc.clone())));
+        let outs = drain(&mut a);
+        assert!(starts(&outs).is_empty(), "{outs:?}");
+        assert_eq!(replies(&outs), vec![(1, Response::Allocated { instance: addr("old") })]);
+        let reuse_check = idle_queries(&outs);
+        assert_eq!(reuse_check.len(), 1, "{outs:?}");
+        a.handle_input(at(1), AllocatorInput::IdleAnswer { token: reuse_check[0].0, result: Ok(0) });
+        assert_eq!(start_one(&mut a, at(2), 2, &info("other", 1, 1)), InstanceId(8));
+        // It takes one of the two places.
+        request(&mut a, at(3), 3, "third");
+        resolve(&mut a, at(3), "third", Ok(Some(info("third", 1, 1))));
+        assert!(refused_with(&drain(&mut a), 3, "instances"));
+
+        // Idle past the limit at the cull round: stopped like any other.
+        a.handle_timeout(at(60));
+        let q: Vec<_> = idle_queries(&drain(&mut a)).into_iter().filter(|(_, p)| p == &addr("old")).collect();
+        assert_eq!(q.len(), 1);
+        a.handle_input(at(61), AllocatorInput::IdleAnswer { token: q[0].0, result: Ok(3600) });
+        assert_eq!(stops(&drain(&mut a)), vec![InstanceId(7)]);
+    }
+
+    #[test]
+    fn an_adopted_instance_that_does_not_answer_is_stopped() {
+        let mut a = new_alloc(AllocatorConfig::default());
+        let outs = adopt(&mut a, at(0), &info("web", 1, 1), "old");
+        let token = idle_queries(&outs)[0].0;
+        a.handle_input(at(1), AllocatorInput::IdleAnswer { token, result: Err("connection refused".into()) });
+        assert_eq!(stops(&drain(&mut a)), vec![InstanceId(7)]);
+        assert_eq!(a.instances().count(), 0);
+        // Adopting a number already tracked changes nothing.
+        let svc = info("web", 1, 1);
+        let first = start_one(&mut a, at(2), 1, &svc);
+        let again = AllocatorInput::Adopted { instance: first, service: svc, peer: addr("x") };
+        a.handle_input(at(2), again);
+        assert!(drain(&mut a).is_empty());
+    }
+
     fn cull_with(result: Option<Result<u64, String>>) -> (Vec<AllocatorOutput>, InstanceId, Allocator) {
         let mut a = new_alloc(AllocatorConfig::default());
         let instance = bring_up(&mut a, at(0), 1, &info("web", 1, 1), "inst");

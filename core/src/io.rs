@@ -50,6 +50,9 @@ pub enum Input {
     InstanceFailed { instance: InstanceId, reason: String },
     /// Allocator: a running instance exited on its own.
     InstanceExited { instance: InstanceId },
+    /// Allocator: an instance an earlier run of this allocator started is still
+    /// running (found by the driver at start-up); track it as if started now.
+    InstanceAdopted { instance: InstanceId, service: ServiceInfo, peer: PeerAddr },
 }
 
 /// The result of an operation.

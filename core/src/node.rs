@@ -167,6 +167,9 @@ impl Node {
             Input::InstanceExited { instance } => {
                 self.allocator_input(now, AllocatorInput::InstanceExited { instance })
             }
+            Input::InstanceAdopted { instance, service, peer } => {
+                self.allocator_input(now, AllocatorInput::Adopted { instance, service, peer })
+            }
         }
         self.pump(now);
     }

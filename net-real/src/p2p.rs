@@ -106,6 +106,13 @@ pub struct P2pOptions {
     pub request_timeout: Duration,
     /// Interval of libp2p pings on every connection (RTTs for [`P2p::connected_peers`]).
     pub ping_interval: Duration,
+    /// A connection whose ping goes unanswered this long is closed and its peer taken
+    /// out of Kademlia's routing table: a hung peer (paused, black-holed) keeps its TCP
+    /// connection open and would otherwise stall every DHT query that asks it.
+    pub ping_timeout: Duration,
+    /// One Kademlia request to one peer gives up after this long, so a query moves on
+    /// past a hung peer within a find's deadline rather than waiting 10 s.
+    pub kad_rpc_timeout: Duration,
     /// Connection set-up (TCP + pnet + Noise + Yamux) must finish within this.
     pub handshake_timeout: Duration,
     /// Pass pings on to the node rather than answering them here: a sidecar's answer
@@ -127,6 +134,8 @@ impl P2pOptions {
             find_grace: Duration::from_millis(100),
             request_timeout: Duration::from_secs(60),
             ping_interval: Duration::from_secs(5),
+            ping_timeout: Duration::from_secs(5),
+            kad_rpc_timeout: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(5),
             pings_to_node: false,
         }
@@ -223,6 +232,7 @@ fn build_swarm(
             let local = key.public().to_peer_id();
             let mut kcfg = kad::Config::new(KAD_PROTOCOL);
             kcfg.set_query_timeout(opts.kad_query_timeout);
+            kcfg.set_substreams_timeout(opts.kad_rpc_timeout);
             kcfg.set_provider_record_ttl(Some(opts.provider_ttl));
             // The core re-advertises on its own schedule (and on bootstrap reconnects).
             kcfg.set_provider_publication_interval(None);
@@ -233,7 +243,9 @@ fn build_swarm(
                 identify::Config::new(IDENTIFY_VERSION.to_string(), key.public())
                     .with_agent_version(format!("physarum/{}", env!("CARGO_PKG_VERSION"))),
             );
-            let ping = ping::Behaviour::new(ping::Config::new().with_interval(opts.ping_interval));
+            let ping = ping::Behaviour::new(
+                ping::Config::new().with_interval(opts.ping_interval).with_timeout(opts.ping_timeout),
+            );
             let rr = rr::Behaviour::with_codec(
                 WireCodec,
                 [(RR_PROTOCOL, ProtocolSupport::Full)],
@@ -880,6 +892,11 @@ impl SwarmTask {
                         *slot = Some(rtt);
                     }
                 }
+            }
+            BehaviourEvent::Ping(ping::Event { peer, connection, result: Err(ping::Failure::Timeout) }) => {
+                tracing::info!(%peer, "no answer to a ping: closing the connection, out of the routing table");
+                self.swarm.close_connection(connection);
+                self.swarm.behaviour_mut().kad.remove_peer(&peer);
             }
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 id,

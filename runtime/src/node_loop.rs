@@ -12,8 +12,8 @@ use crate::app_check;
 use crate::front;
 use crate::limits::Limits;
 use crate::transport::{
-    Connector, ExitSink, Inbound, InboundRequest, InstanceDriver, Listener, NetEvent, NoApp, NoDriver, Observer,
-    Transport,
+    AdoptedInstance, Connector, ExitSink, Inbound, InboundRequest, InstanceDriver, Listener, NetEvent, NoApp, NoDriver,
+    Observer, Transport,
 };
 use crate::tunnel::{self, CredentialsCell, TunnelPool};
 use physarum_core::config::NodeConfig;
@@ -419,6 +419,11 @@ impl<T: Transport, D: InstanceDriver> LoopState<T, D> {
     ) {
         let now = self.now();
         self.drain(now);
+        // Before any request can start an instance whose number an adopted one holds.
+        for adopted in self.driver.adopt(self.exits.clone()).await {
+            let AdoptedInstance { instance, service, peer } = adopted;
+            self.feed(Input::InstanceAdopted { instance, service, peer });
+        }
         loop {
             let wake = self.node.poll_timeout().map(|t| self.to_tokio(t));
             let sleep = async move {

@@ -193,6 +193,20 @@ pub trait InstanceDriver: 'static {
     async fn start(&self, instance: InstanceId, service: ServiceInfo, exits: ExitSink) -> Result<PeerAddr, String>;
     /// Stop and remove `instance` (a start in progress is abandoned). Idempotent.
     async fn stop(&self, instance: InstanceId);
+    /// Called once before the allocator serves: the instances an earlier run of this
+    /// allocator left running that the driver takes over (and reports exits of on
+    /// `exits`). The rest of what an earlier run left, the driver removes.
+    async fn adopt(&self, _exits: ExitSink) -> Vec<AdoptedInstance> {
+        Vec::new()
+    }
+}
+
+/// An instance of an earlier run, still running, that a driver took over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdoptedInstance {
+    pub instance: InstanceId,
+    pub service: ServiceInfo,
+    pub peer: PeerAddr,
 }
 
 /// For nodes that are not allocators: every start fails.

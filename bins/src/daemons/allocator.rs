@@ -132,11 +132,8 @@ pub async fn run(cli: AllocatorCli, launcher: Launcher) -> Result<()> {
             let mut dcfg = DockerDriverConfig::new(instance_dir.clone(), ctx, p2p.peer_id().to_string());
             dcfg.config_file = config_file;
             dcfg.ready_timeout = ready_timeout;
+            // Containers an earlier run left are adopted or removed as the node starts.
             let driver = DockerDriver::connect(dcfg).await.map_err(anyhow::Error::msg)?;
-            let removed = driver.remove_leftovers().await.map_err(anyhow::Error::msg)?;
-            if removed > 0 {
-                tracing::info!("Removed {removed} containers an earlier run of this allocator left behind");
-            }
             tracing::info!("Instances run as Docker containers (host networking)");
             AnyDriver::Docker(driver)
         }

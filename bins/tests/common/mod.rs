@@ -343,6 +343,7 @@ pub fn bin(name: &str) -> PathBuf {
         "bootstrap" => env!("CARGO_BIN_EXE_bootstrap"),
         "hello" => env!("CARGO_BIN_EXE_hello"),
         "physarum" => env!("CARGO_BIN_EXE_physarum"),
+        "physarum-netdelay" => env!("CARGO_BIN_EXE_physarum-netdelay"),
         other => panic!("no binary {other}"),
     };
     PathBuf::from(p)

@@ -19,8 +19,11 @@
 //!    the container's exit code and the tail of its log;
 //! 5. reports a later exit on the `ExitSink`; stopping is stop + remove.
 //!
-//! Containers an earlier run of the same allocator left behind (it was killed)
-//! are found by their labels and removed ([`DockerDriver::remove_leftovers`]).
+//! Containers an earlier run of the same allocator (same identity) left behind when
+//! it was killed are found by their labels: running ones are adopted — tracked,
+//! served and culled as if started now — and the rest removed
+//! ([`DockerDriver::adopt`]). The labels carry what adoption needs: the instance's
+//! number, service, peer id and address.
 
 use super::instance::{fresh_dir, InstanceContext, InstancePlan, IDENTITY_KEY};
 use bollard::models::{ContainerCreateBody, HostConfig};
@@ -31,7 +34,7 @@ use bollard::query_parameters::{
 use bollard::Docker;
 use futures::{StreamExt, TryStreamExt};
 use physarum_core::types::{InstanceId, PeerAddr, RunSpec, ServiceInfo};
-use physarum_runtime::transport::{ExitSink, InstanceDriver};
+use physarum_runtime::transport::{AdoptedInstance, ExitSink, InstanceDriver};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,6 +50,12 @@ pub const LABEL_ALLOCATOR: &str = "physarum.allocator";
 pub const LABEL_INSTANCE: &str = "physarum.instance";
 /// Label: the service name.
 pub const LABEL_SERVICE: &str = "physarum.service";
+/// Label: the registry entry's service info (JSON) the instance was started from.
+pub const LABEL_SERVICE_INFO: &str = "physarum.service-info";
+/// Label: the instance sidecar's peer id and P2P address (`PEER ADDR`).
+pub const LABEL_PEER: &str = "physarum.peer";
+/// Label: the instance directory on the host.
+pub const LABEL_DIR: &str = "physarum.instance-dir";
 
 /// How the driver runs containers.
 #[derive(Clone, Debug)]
@@ -152,26 +161,66 @@ impl DockerDriver {
         ids
     }
 
-    /// The containers labelled with this allocator's peer id, running or not.
-    pub async fn labelled_containers(&self) -> Result<Vec<String>, String> {
+    /// Take over the running containers an earlier run of this allocator (same
+    /// identity) left behind, and remove its stopped or unreadable ones. Call it
+    /// before starting instances; engine errors are logged and adopt nothing.
+    pub async fn adopt(&self, exits: ExitSink) -> Vec<AdoptedInstance> {
         let filters = HashMap::from([("label", vec![format!("{LABEL_ALLOCATOR}={}", self.shared.config.owner)])]);
-        let list = self
+        let listed = self
             .docker
             .list_containers(Some(ListContainersOptionsBuilder::new().all(true).filters(&filters).build()))
-            .await
-            .map_err(|e| engine_error("cannot list containers", e))?;
-        Ok(list.into_iter().filter_map(|c| c.id).collect())
-    }
-
-    /// Remove the containers an earlier run of this allocator left behind when it
-    /// was killed (its instance numbers start again from 1, so they are not
-    /// adopted). Call it before starting instances. Returns how many were removed.
-    pub async fn remove_leftovers(&self) -> Result<usize, String> {
-        let leftovers = self.labelled_containers().await?;
-        for id in &leftovers {
-            self.remove_container(id).await;
+            .await;
+        let containers = match listed {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!("{}", engine_error("cannot look for containers an earlier run left", e));
+                return Vec::new();
+            }
+        };
+        let mut adopted = Vec::new();
+        let mut removed = 0;
+        for c in containers {
+            let Some(id) = c.id else { continue };
+            let labels = c.labels.unwrap_or_default();
+            let running = c.state.as_ref().map(|s| s.to_string()) == Some("running".to_string());
+            match running.then(|| adoptable(&labels)).flatten() {
+                Some((a, dir)) if !self.shared.instances().contains_key(&a.instance) => {
+                    let name =
+                        c.names.and_then(|n| n.into_iter().next()).map(|n| n.trim_start_matches('/').to_string());
+                    let container = name.unwrap_or(id);
+                    let stopping = Arc::new(AtomicBool::new(false));
+                    let entry = Entry { container: container.clone(), dir, stopping: stopping.clone() };
+                    self.shared.instances().insert(a.instance, entry);
+                    self.watch_exit(
+                        a.instance,
+                        container.clone(),
+                        Arc::new(AtomicBool::new(true)),
+                        stopping,
+                        exits.clone(),
+                    );
+                    tracing::info!(
+                        "instance {} of {}: adopted the running container {container} an earlier run started",
+                        a.instance,
+                        a.service.name
+                    );
+                    adopted.push(a);
+                }
+                _ => {
+                    self.remove_container(&id).await;
+                    if let Some(dir) = labels.get(LABEL_DIR) {
+                        let _ = std::fs::remove_dir_all(dir);
+                    }
+                    removed += 1;
+                }
+            }
         }
-        Ok(leftovers.len())
+        if removed > 0 {
+            tracing::info!("Removed {removed} containers an earlier run of this allocator left behind");
+        }
+        if !adopted.is_empty() {
+            tracing::info!("Adopted {} running containers an earlier run of this allocator started", adopted.len());
+        }
+        adopted
     }
 
     /// Stop every instance and remove its container.
@@ -292,6 +341,9 @@ impl DockerDriver {
                 (LABEL_ALLOCATOR.to_string(), cfg.owner.clone()),
                 (LABEL_INSTANCE.to_string(), instance.to_string()),
                 (LABEL_SERVICE.to_string(), service.name.clone()),
+                (LABEL_SERVICE_INFO.to_string(), serde_json::to_string(&service).unwrap_or_default()),
+                (LABEL_PEER.to_string(), format!("{} {}", plan.peer, plan.p2p_addr())),
+                (LABEL_DIR.to_string(), dir.display().to_string()),
             ])),
             host_config: Some(HostConfig {
                 network_mode: Some(cfg.network_mode.clone()),
@@ -328,34 +380,8 @@ impl DockerDriver {
             plan.metrics_port
         );
 
-        // Watch for the container's end: while starting it fails the start, once up
-        // it is an exit.
-        let (ended_tx, mut ended_rx) = watch::channel::<Option<String>>(None);
         let up = Arc::new(AtomicBool::new(false));
-        {
-            let (docker, name, up, stopping, shared) =
-                (self.docker.clone(), name.clone(), up.clone(), stopping.clone(), Arc::downgrade(&self.shared));
-            tokio::spawn(async move {
-                let waited = docker.wait_container(&name, None).next().await;
-                let reason = match waited {
-                    Some(Ok(r)) => format!("the container exited with status {}", r.status_code),
-                    Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => {
-                        format!("the container exited with status {code}")
-                    }
-                    Some(Err(e)) => format!("the container ended: {e}"),
-                    None => "the container ended".to_string(),
-                };
-                let _ = ended_tx.send(Some(reason.clone()));
-                if up.load(Ordering::SeqCst) && !stopping.load(Ordering::SeqCst) {
-                    tracing::info!("instance {instance}: {reason}");
-                    let driver = shared.upgrade().map(|shared| DockerDriver { docker, shared });
-                    if let Some(driver) = driver {
-                        driver.stop_instance(instance).await;
-                    }
-                    exits.exited(instance);
-                }
-            });
-        }
+        let mut ended_rx = self.watch_exit(instance, name.clone(), up.clone(), stopping.clone(), exits);
 
         let deadline = tokio::time::Instant::now() + cfg.ready_timeout;
         loop {
@@ -389,6 +415,42 @@ impl DockerDriver {
         }
     }
 
+    /// Watch for the container's end, which the receiver reports: while starting it
+    /// fails the start; once `up`, unless the allocator is `stopping` it, it is an
+    /// exit, reported on `exits`.
+    fn watch_exit(
+        &self,
+        instance: InstanceId,
+        name: String,
+        up: Arc<AtomicBool>,
+        stopping: Arc<AtomicBool>,
+        exits: ExitSink,
+    ) -> watch::Receiver<Option<String>> {
+        let (ended_tx, ended_rx) = watch::channel::<Option<String>>(None);
+        let (docker, shared) = (self.docker.clone(), Arc::downgrade(&self.shared));
+        tokio::spawn(async move {
+            let waited = docker.wait_container(&name, None).next().await;
+            let reason = match waited {
+                Some(Ok(r)) => format!("the container exited with status {}", r.status_code),
+                Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => {
+                    format!("the container exited with status {code}")
+                }
+                Some(Err(e)) => format!("the container ended: {e}"),
+                None => "the container ended".to_string(),
+            };
+            let _ = ended_tx.send(Some(reason.clone()));
+            if up.load(Ordering::SeqCst) && !stopping.load(Ordering::SeqCst) {
+                tracing::info!("instance {instance}: {reason}");
+                let driver = shared.upgrade().map(|shared| DockerDriver { docker, shared });
+                if let Some(driver) = driver {
+                    driver.stop_instance(instance).await;
+                }
+                exits.exited(instance);
+            }
+        });
+        ended_rx
+    }
+
     /// Whether the container of `instance` is running (for tests and diagnostics).
     pub async fn is_running(&self, instance: InstanceId) -> bool {
         let name = self.container_name(instance);
@@ -407,4 +469,17 @@ impl InstanceDriver for DockerDriver {
     async fn stop(&self, instance: InstanceId) {
         self.stop_instance(instance).await
     }
+
+    async fn adopt(&self, exits: ExitSink) -> Vec<AdoptedInstance> {
+        DockerDriver::adopt(self, exits).await
+    }
+}
+
+/// What a container's labels say about the instance it runs, if they say it all.
+fn adoptable(labels: &HashMap<String, String>) -> Option<(AdoptedInstance, PathBuf)> {
+    let instance = InstanceId(labels.get(LABEL_INSTANCE)?.parse().ok()?);
+    let service: ServiceInfo = serde_json::from_str(labels.get(LABEL_SERVICE_INFO)?).ok()?;
+    let (peer, addr) = labels.get(LABEL_PEER)?.split_once(' ')?;
+    let dir = PathBuf::from(labels.get(LABEL_DIR)?);
+    Some((AdoptedInstance { instance, service, peer: PeerAddr::new(peer, vec![addr.to_string()]) }, dir))
 }

@@ -12,7 +12,7 @@ pub use docker::{DockerDriver, DockerDriverConfig};
 pub use process::{ProcessDriver, ProcessDriverConfig};
 
 use physarum_core::types::{InstanceId, PeerAddr, ServiceInfo};
-use physarum_runtime::transport::{ExitSink, InstanceDriver};
+use physarum_runtime::transport::{AdoptedInstance, ExitSink, InstanceDriver};
 
 /// The driver an allocator was started with (`--driver`).
 #[derive(Clone, Debug)]
@@ -51,6 +51,15 @@ impl InstanceDriver for AnyDriver {
         match self {
             AnyDriver::Process(d) => d.stop(instance).await,
             AnyDriver::Docker(d) => d.stop(instance).await,
+        }
+    }
+
+    async fn adopt(&self, exits: ExitSink) -> Vec<AdoptedInstance> {
+        match self {
+            // Its leftovers were reclaimed at start-up: their sidecars died with the
+            // allocator that was their parent.
+            AnyDriver::Process(_) => Vec::new(),
+            AnyDriver::Docker(d) => d.adopt(exits).await,
         }
     }
 }
