@@ -289,7 +289,7 @@ mod tests {
         let mut now = T0;
         // Every refresh fails; the entry keeps serving and is retried once per `refresh`.
         while now + cfg.refresh < T0 + cfg.ttl {
-            now = now + cfg.refresh;
+            now += cfg.refresh;
             c.handle_timeout(now);
             assert_eq!(drain(&mut c), vec![query("a")], "at {now:?}");
             c.answer(now, "a", Err("unreachable".into()));
@@ -309,7 +309,7 @@ mod tests {
         let mut now = T0;
         let mut queries = 0;
         while now < T0 + cfg.in_use * 3 {
-            now = now + Duration::from_millis(100);
+            now += Duration::from_millis(100);
             c.handle_timeout(now);
             for o in drain(&mut c) {
                 assert_eq!(o, query("a"));
