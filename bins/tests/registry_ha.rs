@@ -311,3 +311,87 @@ fn a_removal_and_a_new_entry_reach_a_running_client_within_about_a_second() {
     let addition_seen = added.elapsed();
     println!("change propagation to a running client: removal {removal_seen:?}, new entry {addition_seen:?}");
 }
+
+/// Registry round trips from one client node: `get` and `add` p50/p99, with the
+/// embedded store and with etcd. A measurement, not a check:
+/// `cargo test -p physarum --features etcd --test registry_ha measure -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn measure_registry_latency() {
+    let c = Cluster::bootstrap("reg-measure", None);
+    let embedded = start_registry(&c, "registry-embedded", "embedded");
+    measure(&c, "embedded");
+    drop(embedded);
+    if !etcd_ready("measure_registry_latency (etcd part)") {
+        return;
+    }
+    let etcd = EtcdCluster::start(c.dir.path());
+    let _r = start_registry(&c, "registry-etcd", &etcd.store_arg());
+    measure(&c, "etcd");
+}
+
+fn measure(c: &Cluster, label: &str) {
+    use physarum_core::trust::SignedEntry;
+    use physarum_core::types::DhtKey;
+    use physarum_core::wire::{Request, Response};
+    use physarum_runtime::transport::Transport;
+    let operator = physarum::keys::load_operator_key(&c.operator_key).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut opts = physarum_net_real::P2pOptions::new(libp2p::identity::Keypair::generate_ed25519());
+        opts.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+        opts.bootstraps = vec![c.bootstrap_addr.parse().unwrap()];
+        let (p2p, _inbound) = physarum_net_real::P2p::start(opts).await.unwrap();
+        let registry = loop {
+            if let Ok(mut found) = p2p.find_providers(DhtKey::Registry, Duration::from_secs(2)).await {
+                if let Some(r) = found.pop() {
+                    break r;
+                }
+            }
+        };
+        let info = |n: u64| physarum_core::types::ServiceInfo {
+            name: format!("m-{label}"),
+            hash: physarum_core::types::ContentHash(format!("h{n}")),
+            run: physarum_core::types::RunSpec::Exec { program: "/bin/true".into(), args: vec![], env: vec![] },
+            requirements: Default::default(),
+            cpu_millis: 0,
+            memory_mb: 0,
+            stateful: false,
+            client_mode: false,
+        };
+        let mut puts = Vec::new();
+        for n in 1..=50u64 {
+            let entry = SignedEntry::sign(format!("m-{label}"), n, Some(info(n)), &operator);
+            let t = Instant::now();
+            let r = p2p
+                .send_request(registry.clone(), Request::RegistryPut { entry: Box::new(entry) }, Duration::from_secs(5))
+                .await;
+            assert_eq!(r, Ok(Response::Done));
+            puts.push(t.elapsed());
+        }
+        let mut gets = Vec::new();
+        for _ in 0..500 {
+            let t = Instant::now();
+            let r = p2p
+                .send_request(
+                    registry.clone(),
+                    Request::RegistryGet { name: format!("m-{label}") },
+                    Duration::from_secs(5),
+                )
+                .await;
+            assert!(matches!(r, Ok(Response::Entry { entry: Some(_) })), "{r:?}");
+            gets.push(t.elapsed());
+        }
+        let pct = |v: &mut Vec<Duration>, p: usize| {
+            v.sort();
+            v[(v.len() * p / 100).min(v.len() - 1)]
+        };
+        println!(
+            "registry ({label}): get p50 {:?} p99 {:?} (500); add p50 {:?} p99 {:?} (50)",
+            pct(&mut gets, 50),
+            pct(&mut gets, 99),
+            pct(&mut puts, 50),
+            pct(&mut puts, 99)
+        );
+    });
+}
