@@ -320,22 +320,25 @@ fn a_removal_and_a_new_entry_reach_a_running_client_within_about_a_second() {
 fn measure_registry_latency() {
     let c = Cluster::bootstrap("reg-measure", None);
     let embedded = start_registry(&c, "registry-embedded", "embedded");
-    measure(&c, "embedded");
+    measure(&c, "embedded", "registry-embedded");
     drop(embedded);
     if !etcd_ready("measure_registry_latency (etcd part)") {
         return;
     }
     let etcd = EtcdCluster::start(c.dir.path());
     let _r = start_registry(&c, "registry-etcd", &etcd.store_arg());
-    measure(&c, "etcd");
+    measure(&c, "etcd", "registry-etcd");
 }
 
-fn measure(c: &Cluster, label: &str) {
+/// Measure against the registry daemon `name` (by its identity key).
+fn measure(c: &Cluster, label: &str, name: &str) {
     use physarum_core::trust::SignedEntry;
     use physarum_core::types::DhtKey;
     use physarum_core::wire::{Request, Response};
     use physarum_runtime::transport::Transport;
     let operator = physarum::keys::load_operator_key(&c.operator_key).unwrap();
+    let (key, _) = physarum_net_real::keyfile::load_or_create(&c.dir.path().join(format!("{name}.key"))).unwrap();
+    let peer = physarum_net_real::keyfile::peer_id_string(&key);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let mut opts = physarum_net_real::P2pOptions::new(libp2p::identity::Keypair::generate_ed25519());
@@ -343,8 +346,8 @@ fn measure(c: &Cluster, label: &str) {
         opts.bootstraps = vec![c.bootstrap_addr.parse().unwrap()];
         let (p2p, _inbound) = physarum_net_real::P2p::start(opts).await.unwrap();
         let registry = loop {
-            if let Ok(mut found) = p2p.find_providers(DhtKey::Registry, Duration::from_secs(2)).await {
-                if let Some(r) = found.pop() {
+            if let Ok(found) = p2p.find_providers(DhtKey::Registry, Duration::from_secs(2)).await {
+                if let Some(r) = found.into_iter().find(|r| r.peer.0 == peer) {
                     break r;
                 }
             }
