@@ -131,6 +131,10 @@ pub struct RegistryCli {
     /// Where the registry keeps its data (registry.json) and, by default, its key
     #[arg(long, value_name = "DIR", default_value = "registry-data")]
     pub data_dir: PathBuf,
+    /// Where entries are kept: "embedded" (registry.json in --data-dir) or an etcd
+    /// cluster shared by several registries, etcd://HOST:PORT[,HOST:PORT...]
+    #[arg(long, value_name = "STORE", default_value = "embedded")]
+    pub store: crate::store::StoreSpec,
     /// Prometheus metrics address
     #[arg(long, value_name = "ADDR", default_value = ":9102")]
     pub metrics: String,

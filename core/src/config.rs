@@ -267,15 +267,29 @@ impl PeerCacheConfig {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RegistryCacheConfig {
-    /// How long a resolved name is trusted (`--rcache-ttl`).
+    /// How long a resolved name is served without a registry confirming it
+    /// (`--rcache-ttl`): while every registry is down, cached names keep resolving
+    /// for this long.
     pub ttl: Duration,
     /// How long "no such service" is remembered.
     pub negative_ttl: Duration,
+    /// A name in use is asked about again this often (in the background, its cached
+    /// answer still served), so a changed or removed entry is seen within about this.
+    pub refresh: Duration,
+    /// A name counts as in use for this long after its last lookup. A name not in use
+    /// is not refreshed; its next lookup asks the registry first (and falls back to
+    /// the cached answer if no registry answers).
+    pub in_use: Duration,
 }
 
 impl Default for RegistryCacheConfig {
     fn default() -> Self {
-        RegistryCacheConfig { ttl: Duration::from_secs(3600), negative_ttl: Duration::from_secs(5) }
+        RegistryCacheConfig {
+            ttl: Duration::from_secs(3600),
+            negative_ttl: Duration::from_secs(1),
+            refresh: Duration::from_secs(1),
+            in_use: Duration::from_secs(60),
+        }
     }
 }
 

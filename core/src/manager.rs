@@ -363,9 +363,12 @@ impl Manager {
     /// The registry cache resolved `name`.
     pub fn resolved(&mut self, now: Instant, name: &str, resolution: Resolution) {
         if let Some(s) = self.serving.as_mut().filter(|s| s.name == name) {
+            // Advertise at once only what is new: the registry cache confirms names in use every second.
             if let Resolution::Found(info) = &resolution {
-                s.info = Some(info.clone());
-                s.next_advertise = now;
+                if s.info.as_ref() != Some(info) {
+                    s.info = Some(info.clone());
+                    s.next_advertise = now;
+                }
             }
         }
         for req in self.resolving.remove(name).unwrap_or_default() {

@@ -33,6 +33,12 @@ enum Owner {
     RegistryGet { name: String, peer: PeerId },
 }
 
+/// A registry peer that failed a query is not asked again for this long, even when
+/// the DHT still lists it (its provider record outlives it).
+const REGISTRY_SKIP: Duration = Duration::from_secs(30);
+/// Most registry peers remembered as failed.
+const MAX_SKIPPED_REGISTRIES: usize = 64;
+
 /// Names whose highest entry version is remembered (against rollback by a rogue
 /// registry); past this, new names are not tracked.
 const MAX_TRACKED_VERSIONS: usize = 4096;
@@ -57,6 +63,8 @@ pub struct Node {
     registry: Option<Registry>,
     /// Registry instances found in the DHT, tried in order.
     registry_peers: Vec<PeerAddr>,
+    /// Registry peers that failed us, and until when they are skipped.
+    registry_skipped: BTreeMap<PeerId, Instant>,
     /// Names waiting for a registry peer to be found.
     awaiting_registry: BTreeSet<String>,
     registry_find_in_flight: bool,
@@ -105,6 +113,7 @@ impl Node {
             allocator: config.allocator.map(|c| Allocator::new(c, config.trust.clone(), now)),
             registry: config.registry.map(|entries| Registry::new(config.trust.operators.clone(), entries)),
             registry_peers: Vec::new(),
+            registry_skipped: BTreeMap::new(),
             awaiting_registry: BTreeSet::new(),
             registry_find_in_flight: false,
             ops: BTreeMap::new(),
@@ -288,6 +297,9 @@ impl Node {
                     _ => Vec::new(),
                 };
                 peers.retain(|p| p.peer != self.local);
+                // Registries that failed us lately go last: asked only when no other answers.
+                self.registry_skipped.retain(|_, until| *until > now);
+                peers.sort_by_key(|p| self.registry_skipped.contains_key(&p.peer));
                 self.registry_peers = peers;
                 for name in std::mem::take(&mut self.awaiting_registry) {
                     match self.registry_peers.is_empty() {
@@ -301,6 +313,13 @@ impl Node {
                 Err(reason) => {
                     // This registry instance failed us: skip it and try the next one, if any.
                     self.registry_peers.retain(|p| p.peer != peer);
+                    if self.registry_skipped.len() >= MAX_SKIPPED_REGISTRIES {
+                        let soonest = self.registry_skipped.iter().min_by_key(|(_, t)| **t).map(|(p, _)| p.clone());
+                        if let Some(p) = soonest {
+                            self.registry_skipped.remove(&p);
+                        }
+                    }
+                    self.registry_skipped.insert(peer.clone(), now + REGISTRY_SKIP);
                     if self.registry_peers.is_empty() {
                         self.registry_cache.answer(now, &name, Err(format!("registry {peer}: {reason}")));
                     } else {

@@ -1,6 +1,8 @@
 //! The registry role: the authoritative map from service name to an operator-signed
 //! entry. The store is in memory here; the runtime persists every change it is
 //! told of (`Output::PersistRegistry`) and hands the saved entries back at start.
+//! A registry on a shared store (etcd) decides its writes with the same [`admit`]
+//! against the shared store's entry, and feeds what the store holds back in as puts.
 //!
 //! Writes are verified here (signed by a configured operator, a version above the
 //! one held, within the size limits); readers verify again themselves, so a rogue
@@ -69,27 +71,11 @@ impl Registry {
     }
 
     fn put(&mut self, entry: SignedEntry) -> Result<bool, String> {
-        check(&self.operators, &entry)?;
-        let name = entry.name.clone();
-        match self.entries.get(&name) {
-            Some(held) if held == &entry => return Ok(false),
-            Some(held) if entry.version <= held.version => {
-                return Err(format!(
-                    "refused: version {} of '{name}' is not newer than the stored version {}",
-                    entry.version, held.version
-                ))
-            }
-            Some(held) if held.info.is_none() && entry.info.is_none() => {
-                return Err(format!("no service named '{name}' is registered"))
-            }
-            None if entry.info.is_none() => return Err(format!("no service named '{name}' is registered")),
-            None if self.entries.len() >= MAX_ENTRIES => {
-                return Err(format!("refused: the registry holds its maximum of {MAX_ENTRIES} names"))
-            }
-            _ => {}
+        let changed = admit(&self.operators, self.entries.get(&entry.name), self.entries.len(), &entry)?;
+        if changed {
+            self.entries.insert(entry.name.clone(), entry);
         }
-        self.entries.insert(name, entry);
-        Ok(true)
+        Ok(changed)
     }
 
     fn page(&self, after: Option<String>) -> Response {
@@ -117,12 +103,42 @@ impl Registry {
     }
 }
 
+/// Whether `entry` may replace `held` (the entry stored under its name, if any) in a
+/// store that holds `names_held` names: `Ok(true)` to store it, `Ok(false)` when it
+/// is exactly what is held, else why not. Every store decides writes with this,
+/// the in-memory one here and a shared one (etcd) alike.
+pub fn admit(
+    operators: &Operators,
+    held: Option<&SignedEntry>,
+    names_held: usize,
+    entry: &SignedEntry,
+) -> Result<bool, String> {
+    check(operators, entry)?;
+    let name = &entry.name;
+    match held {
+        Some(held) if held == entry => Ok(false),
+        Some(held) if entry.version <= held.version => Err(format!(
+            "refused: version {} of '{name}' is not newer than the stored version {}",
+            entry.version, held.version
+        )),
+        Some(held) if held.info.is_none() && entry.info.is_none() => {
+            Err(format!("no service named '{name}' is registered"))
+        }
+        None if entry.info.is_none() => Err(format!("no service named '{name}' is registered")),
+        None if names_held >= MAX_ENTRIES => {
+            Err(format!("refused: the registry holds its maximum of {MAX_ENTRIES} names"))
+        }
+        _ => Ok(true),
+    }
+}
+
 fn encoded_len(entry: &SignedEntry) -> usize {
     postcard::to_allocvec(entry).map_or(usize::MAX, |v| v.len())
 }
 
-/// Why `entry` cannot be stored, if it cannot: its signature, then its size and content.
-fn check(operators: &Operators, entry: &SignedEntry) -> Result<(), String> {
+/// Why `entry` cannot be stored, if it cannot: its signature, then its size and
+/// content (also what a shared store's contents are checked with when read back).
+pub fn check(operators: &Operators, entry: &SignedEntry) -> Result<(), String> {
     operators.verify_entry(entry).map_err(|e| format!("refused: {e}"))?;
     let size = encoded_len(entry);
     if size > MAX_ENTRY_BYTES {

@@ -130,6 +130,11 @@ pub struct Metrics {
     pub tunnel_served: Counter,
     pub idle_seconds: Gauge,
     last_served: Mutex<Instant>,
+    /// Registry: services held; 1 while cut off from its store's quorum (reads may
+    /// be stale, writes are refused); reads answered while stale.
+    pub registry_entries: Gauge,
+    pub registry_stale: Gauge,
+    pub registry_stale_reads: Counter,
     /// Bootstrap: the last RTT measured to each connected peer (seconds).
     pub peer_rtt: Family<PeerLabels, Gauge<f64, AtomicU64>>,
     starting: Mutex<HashMap<InstanceId, Instant>>,
@@ -177,6 +182,9 @@ impl Metrics {
             tunnel_served: Counter::default(),
             idle_seconds: Gauge::default(),
             last_served: Mutex::new(Instant::now()),
+            registry_entries: Gauge::default(),
+            registry_stale: Gauge::default(),
+            registry_stale_reads: Counter::default(),
             peer_rtt: Family::default(),
             starting: Mutex::new(HashMap::new()),
         };
@@ -230,6 +238,17 @@ impl Metrics {
             "idle_seconds",
             "Whole seconds since this service proxy last served a request",
             m.idle_seconds.clone(),
+        );
+        r.register("registry_entries", "Services this registry holds", m.registry_entries.clone());
+        r.register(
+            "registry_stale",
+            "1 while this registry cannot reach its store's quorum: reads may be stale, writes are refused",
+            m.registry_stale.clone(),
+        );
+        r.register(
+            "registry_stale_reads",
+            "Registry reads answered while cut off from the store's quorum",
+            m.registry_stale_reads.clone(),
         );
         r.register_with_unit("peer_rtt", "Last RTT measured to each connected peer", Unit::Seconds, m.peer_rtt.clone());
         Metrics { registry, ..m }
@@ -338,6 +357,14 @@ impl Metrics {
     pub fn tunnel_served(&self) {
         self.tunnel_served.inc();
         *self.last_served.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    pub fn set_registry_entries(&self, n: usize) {
+        self.registry_entries.set(n as i64);
+    }
+
+    pub fn set_registry_stale(&self, stale: bool) {
+        self.registry_stale.set(stale as i64);
     }
 
     pub fn set_connected_peers(&self, n: usize) {

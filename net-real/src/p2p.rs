@@ -577,7 +577,7 @@ impl SwarmTask {
             let grace = f.grace.filter(|_| f.connecting.is_none());
             [Some(f.deadline), grace].into_iter().flatten()
         });
-        let boots = self.boots.iter().filter(|b| !b.connected && b.dialing.is_none() && !b.gave_up);
+        let boots = self.boots.iter().filter(|b| !b.link.is_connected() && b.dialing.is_none() && !b.link.gave_up());
         finds.chain(boots.filter_map(|b| b.next_try)).min()
     }
 

@@ -1,11 +1,12 @@
 //! The registry's embedded persistent store: one JSON file in the data directory,
-//! replaced atomically (write a temporary file, fsync, rename) after every change,
-//! and read back at start.
+//! replaced atomically (write a temporary file, fsync it, rename it over the old
+//! one, fsync the directory) after every change, and read back at start. A crash
+//! at any point leaves either the old or the new file whole.
 //!
 //! Writes happen on a dedicated thread (the node loop must not block on disk):
 //! [`StoreWriter::persist`] hands over the full contents; the thread writes the
 //! newest contents it has, skipping superseded ones. [`StoreWriter::flush`] waits
-//! until everything handed over is on disk.
+//! until everything handed over is on disk; a write is acknowledged only after it.
 
 use anyhow::{bail, Context, Result};
 use physarum_core::trust::SignedEntry;
@@ -94,7 +95,8 @@ impl RegistryStore {
 
 enum Job {
     Save(Vec<SignedEntry>),
-    Flush(mpsc::Sender<()>),
+    /// Answered with the outcome of the last save once everything before it is written.
+    Flush(tokio::sync::oneshot::Sender<Result<(), String>>),
 }
 
 /// Persists registry contents off the caller's thread.
@@ -109,6 +111,7 @@ impl StoreWriter {
         let thread = std::thread::Builder::new()
             .name("registry-store".into())
             .spawn(move || {
+                let mut last: Result<(), String> = Ok(());
                 while let Ok(job) = rx.recv() {
                     let mut latest = None;
                     let mut flushes = Vec::new();
@@ -122,13 +125,14 @@ impl StoreWriter {
                         next = rx.try_recv().ok();
                     }
                     if let Some(services) = latest {
-                        match store.save(&services) {
+                        last = store.save(&services).map_err(|e| format!("{e:#}"));
+                        match &last {
                             Ok(()) => tracing::debug!("registry store: saved {} entries", services.len()),
-                            Err(e) => tracing::error!("{e:#}"),
+                            Err(e) => tracing::error!("{e}"),
                         }
                     }
                     for done in flushes {
-                        let _ = done.send(());
+                        let _ = done.send(last.clone());
                     }
                 }
             })
@@ -146,14 +150,13 @@ impl StoreWriter {
         }
     }
 
-    /// Block until everything handed over so far is written.
-    pub fn flush(&self) {
-        if let Some(tx) = &self.tx {
-            let (done_tx, done_rx) = mpsc::channel();
-            if tx.send(Job::Flush(done_tx)).is_ok() {
-                let _ = done_rx.recv();
-            }
-        }
+    /// Wait until everything handed over so far is written; the error of the last
+    /// write if it failed.
+    pub async fn flush(&self) -> Result<(), String> {
+        let Some(tx) = &self.tx else { return Err("the registry store thread is not running".into()) };
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        tx.send(Job::Flush(done_tx)).map_err(|_| "the registry store thread stopped".to_string())?;
+        done_rx.await.map_err(|_| "the registry store thread stopped".to_string())?
     }
 }
 
@@ -228,11 +231,24 @@ mod tests {
         let writer = StoreWriter::spawn(store.clone());
         writer.persist(vec![info("a")]);
         writer.persist(vec![info("a"), info("b")]);
-        writer.flush();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(writer.flush()).unwrap();
         assert_eq!(store.load().unwrap(), vec![info("a"), info("b")]);
         writer.persist(vec![]);
         drop(writer); // drop finishes pending writes
         assert!(store.load().unwrap().is_empty());
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_write_is_reported_by_flush() {
+        let dir = tmp("failing");
+        let store = RegistryStore::open(&dir).unwrap();
+        let writer = StoreWriter::spawn(store);
+        fs::remove_dir_all(&dir).unwrap();
+        writer.persist(vec![info("a")]);
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let err = rt.block_on(writer.flush()).unwrap_err();
+        assert!(err.contains("cannot write the registry store"), "{err}");
     }
 }
