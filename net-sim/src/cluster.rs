@@ -158,16 +158,21 @@ impl Report {
         s
     }
 
-    pub fn summary(&self) -> String {
-        let mut s = String::new();
-        let _ = writeln!(s, "scenario {} seed {}", self.scenario, self.seed);
-        let _ = writeln!(
-            s,
+    /// How long the run took in wall time; kept out of [`Report::summary`] so that two
+    /// runs of one seed print the same summary.
+    pub fn wall_text(&self) -> String {
+        format!(
             "simulated {:.1} s in {:.2} s wall ({:.1} simulated s per wall s)",
             self.simulated.as_secs_f64(),
             self.wall.as_secs_f64(),
             self.simulated.as_secs_f64() / self.wall.as_secs_f64().max(1e-9)
-        );
+        )
+    }
+
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "scenario {} seed {}", self.scenario, self.seed);
+        let _ = writeln!(s, "simulated {:.1} s", self.simulated.as_secs_f64());
         s.push_str(&self.figures_text());
         if self.violations.is_empty() {
             s.push_str("invariants: all hold\n");
@@ -270,6 +275,11 @@ pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// Run `scenario` with `seed`.
 pub fn run(scenario: &Scenario, seed: u64) -> Result<Report, String> {
+    run_with_progress(scenario, seed, &mut |_| {})
+}
+
+/// [`run`], calling `progress` with the simulated time reached, once per simulated second.
+pub fn run_with_progress(scenario: &Scenario, seed: u64, progress: &mut dyn FnMut(Duration)) -> Result<Report, String> {
     scenario.validate().map_err(|e| e.to_string())?;
     let wall = std::time::Instant::now();
     let trace = Trace::new();
@@ -311,7 +321,11 @@ pub fn run(scenario: &Scenario, seed: u64) -> Result<Report, String> {
             apply(&mut sim, &ctx, fault, at, &mut history);
             next += 1;
         }
+        let before = sim.elapsed().as_secs();
         sim.step().map_err(|e| format!("simulation failed at {:?}: {e}", sim.elapsed()))?;
+        if sim.elapsed().as_secs() != before {
+            progress(sim.elapsed());
+        }
     }
     let simulated = sim.elapsed();
     drop(sim);

@@ -331,6 +331,18 @@ fn at_of(t: Instant) -> Duration {
 
 /// Run `scenario` with `seed` on the event-driven engine.
 pub fn run_des(scenario: &Scenario, seed: u64) -> Result<Report, String> {
+    run_des_with_progress(scenario, seed, &mut |_| {})
+}
+
+/// [`run_des`], calling `progress` with the simulated time reached as the run goes on.
+/// How often (in simulated µs) a run reports its progress.
+const PROGRESS_EVERY_US: u64 = 1_000_000;
+
+pub fn run_des_with_progress(
+    scenario: &Scenario,
+    seed: u64,
+    progress: &mut dyn FnMut(Duration),
+) -> Result<Report, String> {
     scenario.validate().map_err(|e| e.to_string())?;
     if let Some(n) = scenario.nodes.iter().find(|n| matches!(n.role, Role::RogueService { .. } | Role::RogueRegistry)) {
         return Err(format!("node {:?}: rogue roles need the turmoil engine (trust is checked there)", n.name));
@@ -399,6 +411,9 @@ pub fn run_des(scenario: &Scenario, seed: u64) -> Result<Report, String> {
     while let Some(Due { at, ev, .. }) = w.queue.pop() {
         if at >= end.as_micros() {
             break;
+        }
+        if at / PROGRESS_EVERY_US != w.now.as_micros() / PROGRESS_EVERY_US {
+            progress(at_of(Instant::from_micros(at)));
         }
         w.now = Instant::from_micros(at);
         w.stats.events += 1;

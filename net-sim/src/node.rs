@@ -37,6 +37,11 @@ pub const MAX_INSTANCE_ID: u64 = 20_000;
 /// expire in wall time).
 pub const SIM_UNIX_AT_ZERO: u64 = 1_800_000_000;
 
+/// The content hash a scenario service's instances advertise under.
+pub fn service_hash(name: &str) -> ContentHash {
+    ContentHash(format!("sim-{name}-v1"))
+}
+
 /// One client request's fate.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fate {
@@ -171,7 +176,7 @@ impl Ctx {
         let l = self.scenario.limits_of(name);
         Some(ServiceInfo {
             name: name.to_string(),
-            hash: ContentHash(format!("sim-{name}-v1")),
+            hash: service_hash(name),
             run: RunSpec::Image { image: format!("sim/{name}:latest") },
             requirements: Requirements::rtt(Duration::from_millis(l.soft_ms), Duration::from_millis(l.hard_ms)),
             cpu_millis: spec.cpu_millis,

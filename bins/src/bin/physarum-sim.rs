@@ -10,12 +10,15 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use physarum::plot;
 use physarum_net_sim::des::CostSummary;
 use physarum_net_sim::scale::scale_scenario;
-use physarum_net_sim::{run, run_des, Report, Scenario};
+use physarum_net_sim::timeline::Timeline;
+use physarum_net_sim::{run_des, run_des_with_progress, run_with_progress, Report, Scenario};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(name = "physarum-sim", about = "Run physarum scenarios in the deterministic cluster simulation")]
@@ -52,6 +55,13 @@ enum Command {
         /// Leave out the timeline.
         #[arg(long)]
         quiet: bool,
+        /// Write the timeline (timeline.jsonl, requests.csv) and its plot
+        /// (timeline.png, timeline.svg) into this directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// A TrueType font for the plot's labels.
+        #[arg(long, default_value = plot::DEFAULT_FONT)]
+        font: PathBuf,
     },
     /// Check that a scenario file parses and is consistent, without running it.
     Check { file: PathBuf },
@@ -68,7 +78,7 @@ enum Command {
         #[arg(long, default_value = "docs")]
         out: PathBuf,
         /// A TrueType font for the labels.
-        #[arg(long, default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")]
+        #[arg(long, default_value = plot::DEFAULT_FONT)]
         font: PathBuf,
     },
 }
@@ -88,17 +98,52 @@ fn main() -> ExitCode {
     }
 }
 
+/// Wall time between two progress lines on stderr.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
 fn run_with(s: &Scenario, seed: u64, engine: Engine) -> anyhow::Result<(Report, &'static str)> {
     let des = match engine {
         Engine::Auto => s.nodes.len() > AUTO_TURMOIL_MAX_NODES,
         Engine::Turmoil => false,
         Engine::Des => true,
     };
+    // Long runs say how far they are, on stderr (stdout stays the same for one seed).
+    let started = std::time::Instant::now();
+    let mut last = started;
+    let total = s.duration_ms as f64 / 1000.0;
+    let mut progress = |at: Duration| {
+        if last.elapsed() >= PROGRESS_EVERY {
+            last = std::time::Instant::now();
+            eprintln!(
+                "progress: {:.0} of {total:.0} simulated s ({:.0} %), {:.0} s wall",
+                at.as_secs_f64(),
+                100.0 * at.as_secs_f64() / total.max(1e-9),
+                started.elapsed().as_secs_f64()
+            );
+        }
+    };
     let (report, name) = match des {
-        true => (run_des(s, seed), "des"),
-        false => (run(s, seed), "turmoil"),
+        true => (run_des_with_progress(s, seed, &mut progress), "des"),
+        false => (run_with_progress(s, seed, &mut progress), "turmoil"),
     };
     Ok((report.map_err(anyhow::Error::msg)?, name))
+}
+
+/// `run --out DIR`: the timeline as data and as a picture.
+fn write_outputs(s: &Scenario, report: &Report, dir: &Path, font: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tl = Timeline::of(s, report);
+    std::fs::write(dir.join("timeline.jsonl"), tl.jsonl())?;
+    std::fs::write(dir.join("requests.csv"), tl.requests_csv())?;
+    plot::register_font(font)?;
+    let title = format!("{} — seed {}", s.name, report.seed);
+    let written = plot::write_timeline_plots(&tl, dir, &title)?;
+    println!("wrote {}", dir.join("timeline.jsonl").display());
+    println!("wrote {}", dir.join("requests.csv").display());
+    for p in written {
+        println!("wrote {}", p.display());
+    }
+    Ok(())
 }
 
 fn real_main() -> anyhow::Result<ExitCode> {
@@ -115,9 +160,10 @@ fn real_main() -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { file, seed, engine, trace, quiet } => {
+        Command::Run { file, seed, engine, trace, quiet, out, font } => {
             let s = load(&file)?;
             let (report, engine_name) = run_with(&s, seed, engine)?;
+            eprintln!("{}", report.wall_text());
             if !quiet {
                 println!("--- timeline ---");
                 print!("{}", report.timeline());
@@ -133,6 +179,9 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 print!("{}", cost_text(&d.summary()));
             }
             println!("replay: physarum-sim run {} --seed {seed} --engine {engine_name}", file.display());
+            if let Some(dir) = out {
+                write_outputs(&s, &report, &dir, &font)?;
+            }
             Ok(if report.violations.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Scale { nodes } => {
@@ -223,9 +272,7 @@ fn curve(sizes: &[usize], seed: u64, out: &Path, font: &Path) -> anyhow::Result<
 
 fn plot(points: &[Point], path: &Path, font: &Path) -> anyhow::Result<()> {
     use plotters::prelude::*;
-    let bytes = std::fs::read(font).with_context(|| format!("cannot read the font {}", font.display()))?;
-    plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into_boxed_slice()))
-        .map_err(|_| anyhow::anyhow!("{} is not a usable TrueType font", font.display()))?;
+    plot::register_font(font)?;
     let root = BitMapBackend::new(path, (1500, 520)).into_drawing_area();
     root.fill(&WHITE)?;
     let panels = root.split_evenly((1, 3));
