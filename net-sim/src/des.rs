@@ -22,7 +22,6 @@ use crate::node::{Ctx, Fate, INSTANCE_PORT_BASE, MAX_INSTANCE_ID, NODE_PORT};
 use crate::scenario::{Fault, Role, Scenario};
 use crate::topology::{plane_rtt_ms, Topology};
 use crate::trace::{Kind, Trace};
-use physarum_core::config::AllocatorConfig;
 use physarum_core::dht_policy::{startup_failed, Backoff, BootstrapLink, FindEnd, Retry};
 use physarum_core::io::{Event, Input, OpResult, Outcome, Output};
 use physarum_core::time::Instant;
@@ -537,12 +536,7 @@ impl World {
                 match &role {
                     Role::Registry => config.registry = Some(self.ctx.signed_entries(&self.ctx.key("operator"), false)),
                     Role::Allocator(spec) => {
-                        config.allocator = Some(AllocatorConfig {
-                            max_instances: spec.max_instances,
-                            cull_interval: Duration::from_millis(spec.cull_interval_ms),
-                            idle_limit: Duration::from_millis(spec.idle_limit_ms),
-                            ..AllocatorConfig::default()
-                        });
+                        config.allocator = Some(self.ctx.allocator_config(spec));
                         let key = self.ctx.key(&name);
                         let grant = Grant::sign(peer.clone(), key.public(), &self.ctx.key("operator"));
                         config.trust.issuer = Issuer::allocator(key, grant).ok();

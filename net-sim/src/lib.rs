@@ -12,6 +12,7 @@ pub mod des;
 pub mod dht;
 pub mod kad;
 pub mod node;
+pub mod policies;
 pub mod scale;
 pub mod scenario;
 pub mod timeline;

@@ -4,7 +4,7 @@
 
 use crate::app::{self, ClientResult};
 use crate::dht::{self, AbortOnDrop, ServerConfig};
-use crate::scenario::{Defect, Role, Scenario};
+use crate::scenario::{AllocatorSpec, Defect, Role, Scenario};
 use crate::trace::{sim_now, Kind, Trace};
 use crate::transport::{Endpoint, EndpointConfig, LossModel, SimConnector, SimListener, SimTransport};
 use physarum_core::config::{AllocatorConfig, Defects, NodeConfig};
@@ -219,7 +219,23 @@ impl Ctx {
         c.manager.advertise_interval = Duration::from_millis(self.scenario.tuning.advertise_interval_ms);
         c.manager.soft_grace = Duration::from_millis(self.scenario.tuning.soft_grace_ms);
         c.manager.defects = self.defects();
+        if let Some(p) = &self.scenario.placement {
+            c.manager.placement = crate::policies::by_name(&p.policy, &p.params).unwrap_or_default();
+        }
         c
+    }
+
+    /// An allocator's configuration from its scenario entry.
+    pub(crate) fn allocator_config(&self, spec: &AllocatorSpec) -> AllocatorConfig {
+        AllocatorConfig {
+            max_instances: spec.max_instances,
+            cpu_millis: spec.cpu_millis,
+            memory_mb: spec.memory_mb,
+            cull_interval: Duration::from_millis(spec.cull_interval_ms),
+            idle_limit: Duration::from_millis(spec.idle_limit_ms),
+            defects: self.defects(),
+            ..AllocatorConfig::default()
+        }
     }
 
     /// The deliberate defects the scenario switches on.
@@ -321,13 +337,7 @@ pub async fn host_main(ctx: Rc<Ctx>, name: String) -> turmoil::Result {
             start_node(&ctx, config, ep, physarum_runtime::NoDriver, None).await?
         }
         Role::Allocator(spec) => {
-            config.allocator = Some(AllocatorConfig {
-                max_instances: spec.max_instances,
-                cull_interval: Duration::from_millis(spec.cull_interval_ms),
-                idle_limit: Duration::from_millis(spec.idle_limit_ms),
-                defects: ctx.defects(),
-                ..AllocatorConfig::default()
-            });
+            config.allocator = Some(ctx.allocator_config(spec));
             let key = ctx.key(&name);
             let grant = Grant::sign(peer.clone(), key.public(), &ctx.key("operator"));
             config.trust.issuer = Some(Issuer::allocator(key, grant).map_err(|e| e.to_string())?);

@@ -9,7 +9,7 @@
 //! measured RTT is the configured one rounded up to the tick).
 
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 /// One simulation run's description.
@@ -46,6 +46,19 @@ pub struct Scenario {
     /// Knobs of the simulated network and nodes.
     #[serde(default)]
     pub tuning: Tuning,
+    /// The placement policy every client uses (lowest RTT unless set; see
+    /// [`crate::policies`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementSpec>,
+}
+
+/// A placement policy by name, with its parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementSpec {
+    pub policy: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: BTreeMap<String, f64>,
 }
 
 fn default_tick_us() -> u64 {
@@ -143,6 +156,20 @@ pub struct AllocatorSpec {
     /// How often instances are asked how long they have been idle (the original: 60 s).
     #[serde(default = "default_idle_ms")]
     pub cull_interval_ms: u64,
+    /// CPU (thousandths of a core) and memory (MiB) this allocator's instances may
+    /// take together; each instance takes its service's `cpu_millis` / `memory_mb`.
+    #[serde(default = "default_alloc_cpu")]
+    pub cpu_millis: u64,
+    #[serde(default = "default_alloc_mem")]
+    pub memory_mb: u64,
+}
+
+fn default_alloc_cpu() -> u64 {
+    physarum_core::config::AllocatorConfig::default().cpu_millis
+}
+
+fn default_alloc_mem() -> u64 {
+    physarum_core::config::AllocatorConfig::default().memory_mb
 }
 
 impl Default for AllocatorSpec {
@@ -152,6 +179,8 @@ impl Default for AllocatorSpec {
             boot_delay_ms: default_boot_ms(),
             idle_limit_ms: default_idle_ms(),
             cull_interval_ms: default_idle_ms(),
+            cpu_millis: default_alloc_cpu(),
+            memory_mb: default_alloc_mem(),
         }
     }
 }
@@ -528,6 +557,9 @@ impl Scenario {
         if !rtt_ok(self.default_rtt_ms) {
             return err("default_rtt_ms out of range".into());
         }
+        if let Some(p) = &self.placement {
+            crate::policies::by_name(&p.policy, &p.params).map_err(ScenarioError)?;
+        }
         if self.tuning.request_deadline_ms == 0 {
             return err("tuning.request_deadline_ms must be positive".into());
         }
@@ -677,6 +709,7 @@ impl ScenarioBuilder {
                 workloads: Vec::new(),
                 invariants: Invariants::default(),
                 tuning: Tuning::default(),
+                placement: None,
             },
         }
     }
@@ -794,6 +827,13 @@ impl ScenarioBuilder {
 
     pub fn invariants(mut self, inv: Invariants) -> Self {
         self.s.invariants = inv;
+        self
+    }
+
+    /// Every client places with the policy called `name` (see [`crate::policies`]).
+    pub fn placement(mut self, name: &str, params: &[(&str, f64)]) -> Self {
+        let params = params.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        self.s.placement = Some(PlacementSpec { policy: name.into(), params });
         self
     }
 
