@@ -310,6 +310,8 @@ struct World {
     /// Each host pair's RTT at the start, by host index: the listed links, and the
     /// places on the plane (see [`Topology`]).
     links: BTreeMap<(usize, usize), f64>,
+    /// Listed links' own jitter (ms of extra one-way delay at most).
+    link_jitter: BTreeMap<(usize, usize), f64>,
     places: Vec<Option<[f64; 2]>>,
     rtt_override: BTreeMap<(usize, usize), f64>,
     cut: BTreeSet<(usize, usize)>,
@@ -365,6 +367,7 @@ pub fn run_des_with_progress(
         bootstraps: scenario.bootstraps(),
         history: NetHistory::new(topology),
         links: BTreeMap::new(),
+        link_jitter: BTreeMap::new(),
         places: scenario.nodes.iter().map(|n| n.at).collect(),
         rtt_override: BTreeMap::new(),
         cut: BTreeSet::new(),
@@ -391,6 +394,9 @@ pub fn run_des_with_progress(
     for l in &scenario.links {
         if let Some(p) = w.host_pair(&l.a, &l.b) {
             w.links.insert(p, l.rtt_ms);
+            if l.jitter_ms > 0.0 {
+                w.link_jitter.insert(p, l.jitter_ms);
+            }
         }
     }
     // Bootstraps first, so that everyone else finds them up.
@@ -500,6 +506,9 @@ impl World {
         let jitter = self.scenario.jitter_ms;
         if jitter > 0 && !set {
             d += Duration::from_micros(self.rng.next_u64() % (jitter * 1000));
+        }
+        if let Some(j) = self.link_jitter.get(&(a.min(b), a.max(b))) {
+            d += Duration::from_micros(self.rng.next_u64() % ((j * 1000.0) as u64).max(1));
         }
         Some(d)
     }
@@ -1269,7 +1278,7 @@ impl World {
                     self.rtt_override.insert(p, *rtt_ms);
                 }
             }
-            Fault::LatencySweep { .. } => unreachable!("expanded before the run"),
+            Fault::LatencySweep { .. } | Fault::LatencyWave { .. } => unreachable!("expanded before the run"),
             Fault::Loss { a, b, rate } => {
                 if let Some(p) = self.host_pair(a, b) {
                     self.loss.insert(p, *rate);
