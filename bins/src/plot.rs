@@ -261,3 +261,60 @@ where
     }
     Ok(())
 }
+
+/// The distribution of `values` (ms) as a CDF, with vertical markers (value, label)
+/// such as this run's median and a published figure.
+pub fn cdf_png(
+    values: &[f64],
+    markers: &[(f64, String)],
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+) -> anyhow::Result<()> {
+    let mut v: Vec<f64> = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let x_max = v.iter().copied().chain(markers.iter().map(|m| m.0)).fold(1.0f64, f64::max) * 1.15;
+    let root = BitMapBackend::new(path, (1000, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 24))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..x_max, 0.0..1.05)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc("share of runs")
+        .label_style(("sans-serif", 15))
+        .light_line_style(WHITE.mix(0.0))
+        .draw()?;
+    let n = v.len().max(1) as f64;
+    let mut steps = vec![(0.0, 0.0)];
+    for (i, x) in v.iter().enumerate() {
+        steps.push((*x, i as f64 / n));
+        steps.push((*x, (i + 1) as f64 / n));
+    }
+    steps.push((x_max, 1.0));
+    let blue = PALETTE[0];
+    chart
+        .draw_series(LineSeries::new(steps, blue.stroke_width(3)))?
+        .label(format!("{} simulated runs", v.len()))
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], blue.stroke_width(3)));
+    for (i, (x, label)) in markers.iter().enumerate() {
+        let c = [FAILED, SOFT, PALETTE[2]][i % 3];
+        chart
+            .draw_series(DashedLineSeries::new(vec![(*x, 0.0), (*x, 1.05)], 8, 6, c.stroke_width(2)))?
+            .label(label.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.4))
+        .label_font(("sans-serif", 15))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}

@@ -35,3 +35,20 @@ fn run_out_writes_the_timeline_and_plots_and_prints_the_same_text_twice() {
     assert!(jsonl.lines().any(|l| l.contains("\"kind\":\"request\"") && l.contains("\"host\":\"alloc1\"")));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn first_response_plots_the_cold_allocation_over_seeds() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/cold-start.json");
+    let dir = std::env::temp_dir().join(format!("physarum-sim-first-{}", std::process::id()));
+    let o = Command::new(env!("CARGO_BIN_EXE_physarum-sim"))
+        .args(["first-response", file.to_str().unwrap(), "--seeds", "2", "--reference-ms", "2170", "--out"])
+        .arg(&dir)
+        .output()
+        .expect("physarum-sim runs");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && stdout.contains("first response over 2 of 2 seeds: median"), "{stdout}");
+    let csv = std::fs::read_to_string(dir.join("first-response.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    assert!(std::fs::read(dir.join("first-response.png")).unwrap().starts_with(b"\x89PNG"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

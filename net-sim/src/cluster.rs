@@ -580,14 +580,24 @@ pub(crate) fn check(scenario: &Scenario, report: &Report, history: &NetHistory, 
     if let Some(bound) = inv.max_switch_delay_ms {
         let hosts = ctx.instance_hosts.borrow();
         let mut late = Vec::new();
+        // Each client's instance and since when it has been using it (a client that
+        // falls back to a slow instance is judged from when it began using it).
+        let mut using: BTreeMap<(&str, &str), (&str, Duration)> = BTreeMap::new();
         for r in &report.requests {
             let Fate::Answered { served_by: Some(by), .. } = &r.fate else { continue };
+            let key = (r.client.as_str(), r.service.as_str());
+            let began = match using.get(&key) {
+                Some((instance, began)) if *instance == by.as_str() => *began,
+                _ => r.at,
+            };
+            using.insert(key, (by.as_str(), began));
             let host = hosts.get(by).cloned().unwrap_or_else(|| crate::timeline::host_of(by).to_string());
             let soft = scenario.limits_of(&r.service).soft_ms as f64;
             if host == r.client {
                 continue;
             }
             if let Some(since) = history.over_since(&r.client, &host, soft, r.at) {
+                let since = since.max(began);
                 if r.at.saturating_sub(since) > ms(bound) {
                     late.push(format!("#{} at {:?} by {by}, over the soft limit since {since:?}", r.seq, r.at));
                 }

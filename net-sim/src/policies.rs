@@ -8,7 +8,7 @@
 //! lower is better), and add it to [`by_name`].
 
 use physarum_core::perf::Requirements;
-use physarum_core::placement::{micros, Candidate, Choosing, Load, LowestRtt, Placement, PlacementPolicy};
+use physarum_core::placement::{micros, Candidate, Choosing, LowestRtt, Placement, PlacementPolicy};
 use std::collections::BTreeMap;
 
 /// Every policy name [`by_name`] knows.
@@ -90,7 +90,7 @@ impl PlacementPolicy for RttLoadCost {
     }
 
     fn score(&self, choosing: Choosing, _: &Requirements, c: &Candidate<'_>) -> u64 {
-        let l = c.load.unwrap_or(Load::default());
+        let l = c.load.unwrap_or_default();
         let penalty_ms = match choosing {
             Choosing::Allocator => self.ms_per_instance * f64::from(l.running),
             Choosing::Instance => self.ms_per_request * (f64::from(l.recent) + f64::from(l.running)),
@@ -102,6 +102,7 @@ impl PlacementPolicy for RttLoadCost {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use physarum_core::placement::Load;
     use physarum_core::types::PeerId;
     use std::time::Duration;
 

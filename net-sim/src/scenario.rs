@@ -409,8 +409,9 @@ pub struct Invariants {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_success_rate: Option<f64>,
     /// No request is served by an instance whose link has been over the service's
-    /// soft limit (or cut) for longer than this: clients switch within this long of
-    /// the instance they use crossing the soft limit.
+    /// soft limit (or cut) for longer than this while the client used it: clients
+    /// switch within this long of the instance they use crossing the soft limit (or of
+    /// falling back to one already over it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_switch_delay_ms: Option<u64>,
     /// Whether a client may select an instance over the soft limit (a fallback,

@@ -343,7 +343,8 @@ fn fault_spans(scenario: &Scenario, end_ms: f64) -> Vec<Span> {
             }
             Fault::ResumeApps { node } => close(&mut open, format!("hang {node}"), at),
             Fault::Loss { a, b, rate } => {
-                let key = format!("loss {}", sides(&[a.clone()], &[b.clone()]));
+                let (x, y) = pair(a, b);
+                let key = format!("loss {x}|{y}");
                 close(&mut open, key.clone(), at);
                 if *rate > 0.0 {
                     open.insert(key, (at, s.fault.describe()));
