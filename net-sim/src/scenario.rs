@@ -771,7 +771,8 @@ impl Scenario {
                             at_ms: at,
                             fault: Fault::Latency { a: a.clone(), b: b.clone(), rtt_ms: rtt },
                         });
-                        at += step_ms;
+                        let Some(next) = at.checked_add(*step_ms) else { break };
+                        at = next;
                     }
                 }
                 _ => out.push(s.clone()),
@@ -1095,6 +1096,27 @@ mod tests {
         assert_eq!(sched[5].fault, Fault::Latency { a: "c".into(), b: "alloc".into(), rtt_ms: 2.0 });
     }
 
+    /// A wave ending at the end of time stops there.
+    #[test]
+    fn a_wave_at_the_end_of_time_stops() {
+        let mut s = small();
+        s.schedule = vec![Scheduled {
+            at_ms: u64::MAX - 1,
+            fault: Fault::LatencyWave {
+                a: "c".into(),
+                b: "alloc".into(),
+                shape: WaveShape::Square,
+                low_ms: 1.0,
+                high_ms: 2.0,
+                period_ms: 4,
+                step_ms: 5,
+                until_ms: u64::MAX,
+            },
+        }];
+        let s = Scenario::from_json(&s.to_json()).unwrap();
+        assert_eq!(s.expanded_schedule().len(), 1);
+    }
+
     #[test]
     fn waves_expand_into_periodic_steps() {
         let wave = |shape| {
@@ -1212,9 +1234,23 @@ mod tests {
             Scheduled { at_ms, fault: Fault::LatencySweep { a, b, from_ms: 1.0, to_ms: 2.0, steps, every_ms } }
         }
         type Change = fn(&mut Scenario);
-        let cases: [(&str, Change); 5] = [
+        let cases: [(&str, Change); 6] = [
             ("more than 10000 steps", |s| s.schedule.push(sweep(0, u32::MAX, 1))),
             ("beyond any time", |s| s.schedule.push(sweep(u64::MAX, 2, u64::MAX))),
+            ("more than 10000 steps", |s| {
+                let (a, b, shape) = ("c".into(), "alloc".into(), WaveShape::Sine);
+                let wave = Fault::LatencyWave {
+                    a,
+                    b,
+                    shape,
+                    low_ms: 1.0,
+                    high_ms: 2.0,
+                    period_ms: 10,
+                    step_ms: 1,
+                    until_ms: u64::MAX,
+                };
+                s.schedule.push(Scheduled { at_ms: 5, fault: wave });
+            }),
             ("more than 1000000 requests", |s| s.workloads[1].burst = u32::MAX),
             ("beyond any time", |s| s.workloads[0].start_ms = u64::MAX),
             ("more than 1000000 requests", |s| {
