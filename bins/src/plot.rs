@@ -20,7 +20,8 @@ pub fn register_font(font: &Path) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("{} is not a usable TrueType font", font.display()))
 }
 
-/// Colours that stay apart for the eye (matplotlib's tab10, red left for failures).
+/// Colours that stay apart for the eye (matplotlib's tab10 without its red, kept
+/// for failures, and its grey, kept for "other hosts").
 const PALETTE: [RGBColor; 9] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
@@ -28,12 +29,15 @@ const PALETTE: [RGBColor; 9] = [
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
     RGBColor(227, 119, 194),
-    RGBColor(127, 127, 127),
+    RGBColor(128, 0, 0),
     RGBColor(188, 189, 34),
     RGBColor(23, 190, 207),
 ];
 const FAILED: RGBColor = RGBColor(214, 39, 40);
 const SOFT: RGBColor = RGBColor(230, 160, 0);
+const OTHER: RGBColor = RGBColor(175, 175, 175);
+/// Allocation and switch markers are labelled up to this many.
+const MAX_LABELLED_MARKERS: usize = 12;
 
 /// Write `timeline.png` and `timeline.svg` into `dir`; returns their paths.
 pub fn write_timeline_plots(tl: &Timeline, dir: &Path, title: &str) -> anyhow::Result<Vec<PathBuf>> {
@@ -123,7 +127,9 @@ where
     }
     mesh.draw()?;
     shade_faults(&mut chart, tl, (y_lo, y_hi))?;
-    // Where a client moved to another instance (a switch) or was handed a new one.
+    // Where a client moved to another instance (a switch) or was handed a new one;
+    // labelled while there are few enough to read.
+    let markers = tl.rows.iter().filter(|r| matches!(r, Row::Switched { .. } | Row::Allocated { .. })).count();
     for r in &tl.rows {
         // Labels of the two kinds at different heights: a switch often follows an allocation.
         let (t_ms, what, to, at_y) = match r {
@@ -132,15 +138,29 @@ where
             _ => continue,
         };
         let x = t_ms / 1000.0;
-        let c = colours.get(physarum_net_sim::timeline::host_of(to)).copied().unwrap_or(PALETTE[6]);
+        let c = colours.get(physarum_net_sim::timeline::host_of(to)).copied().unwrap_or(OTHER);
         let line = DashedLineSeries::new(vec![(x, y_lo), (x, y_hi)], 4, 4, c.mix(0.7).stroke_width(1));
         chart.draw_series(line)?;
         let label = format!("{what} → {}", physarum_net_sim::timeline::host_of(to));
         let style = ("sans-serif", 13).into_font().color(&c);
-        chart.draw_series(std::iter::once(Text::new(label, (x, at_y), style)))?;
+        if markers <= MAX_LABELLED_MARKERS {
+            chart.draw_series(std::iter::once(Text::new(label, (x, at_y), style)))?;
+        }
     }
-    for (host, pts) in &ok {
-        let c = colours.get(host).copied().unwrap_or(PALETTE[6]);
+    // With more hosts than colours, the busiest keep theirs and the rest are grey.
+    let mut by_count: Vec<(&String, &Vec<(f64, f64)>)> = ok.iter().collect();
+    by_count.sort_by_key(|(host, pts)| (std::cmp::Reverse(pts.len()), (*host).clone()));
+    let crowded = by_count.len() > PALETTE.len();
+    let (named, others) = by_count.split_at(if crowded { PALETTE.len() - 1 } else { by_count.len() });
+    if !others.is_empty() {
+        let n: usize = others.iter().map(|(_, pts)| pts.len()).sum();
+        chart
+            .draw_series(others.iter().flat_map(|(_, pts)| pts.iter()).map(|p| Circle::new(*p, 3, OTHER.filled())))?
+            .label(format!("{} other hosts ({n} requests)", others.len()))
+            .legend(|(x, y)| Circle::new((x + 8, y), 5, OTHER.filled()));
+    }
+    for (rank, (host, pts)) in named.iter().enumerate() {
+        let c = if crowded { PALETTE[rank] } else { colours.get(*host).copied().unwrap_or(OTHER) };
         chart
             .draw_series(pts.iter().map(|p| Circle::new(*p, 3, c.filled())))?
             .label(format!("served by {host} ({} requests)", pts.len()))
@@ -174,7 +194,7 @@ where
         limit_lines(&mut chart, x_max, soft, hard, r_max)?;
         for ((a, b), steps) in &tl.links {
             let far = if is_client(tl, a) { b } else { a };
-            let c = colours.get(far).copied().unwrap_or(PALETTE[6]);
+            let c = colours.get(far).copied().unwrap_or(OTHER);
             let mut pts = Vec::new();
             for (i, (t, r)) in steps.iter().enumerate() {
                 if i > 0 {
