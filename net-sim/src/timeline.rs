@@ -353,8 +353,11 @@ fn fault_spans(scenario: &Scenario, end_ms: f64) -> Vec<Span> {
             _ => {}
         }
     }
-    for (_, (from, label)) in open {
-        spans.push(Span { from_ms: from, to_ms: end_ms, label });
+    for (key, (from, label)) in open {
+        // Loss for the whole run is a property of the link (`links[].loss`), not an event.
+        if !(from == 0.0 && key.starts_with("loss")) {
+            spans.push(Span { from_ms: from, to_ms: end_ms, label });
+        }
     }
     spans.sort_by(|x, y| x.from_ms.total_cmp(&y.from_ms));
     spans
