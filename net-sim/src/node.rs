@@ -4,7 +4,7 @@
 
 use crate::app::{self, ClientResult};
 use crate::dht::{self, AbortOnDrop, ServerConfig};
-use crate::scenario::{Defect, Role, Scenario};
+use crate::scenario::{AllocatorSpec, Defect, Role, Scenario};
 use crate::trace::{sim_now, Kind, Trace};
 use crate::transport::{Endpoint, EndpointConfig, LossModel, SimConnector, SimListener, SimTransport};
 use physarum_core::config::{AllocatorConfig, Defects, NodeConfig};
@@ -36,6 +36,11 @@ pub const MAX_INSTANCE_ID: u64 = 20_000;
 /// The simulated wall clock at the start of a run, in unix seconds (certificates
 /// expire in wall time).
 pub const SIM_UNIX_AT_ZERO: u64 = 1_800_000_000;
+
+/// The content hash a scenario service's instances advertise under.
+pub fn service_hash(name: &str) -> ContentHash {
+    ContentHash(format!("sim-{name}-v1"))
+}
 
 /// One client request's fate.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -171,7 +176,7 @@ impl Ctx {
         let l = self.scenario.limits_of(name);
         Some(ServiceInfo {
             name: name.to_string(),
-            hash: ContentHash(format!("sim-{name}-v1")),
+            hash: service_hash(name),
             run: RunSpec::Image { image: format!("sim/{name}:latest") },
             requirements: Requirements::rtt(Duration::from_millis(l.soft_ms), Duration::from_millis(l.hard_ms)),
             cpu_millis: spec.cpu_millis,
@@ -214,7 +219,23 @@ impl Ctx {
         c.manager.advertise_interval = Duration::from_millis(self.scenario.tuning.advertise_interval_ms);
         c.manager.soft_grace = Duration::from_millis(self.scenario.tuning.soft_grace_ms);
         c.manager.defects = self.defects();
+        if let Some(p) = &self.scenario.placement {
+            c.manager.placement = crate::policies::by_name(&p.policy, &p.params).unwrap_or_default();
+        }
         c
+    }
+
+    /// An allocator's configuration from its scenario entry.
+    pub(crate) fn allocator_config(&self, spec: &AllocatorSpec) -> AllocatorConfig {
+        AllocatorConfig {
+            max_instances: spec.max_instances,
+            cpu_millis: spec.cpu_millis,
+            memory_mb: spec.memory_mb,
+            cull_interval: Duration::from_millis(spec.cull_interval_ms),
+            idle_limit: Duration::from_millis(spec.idle_limit_ms),
+            defects: self.defects(),
+            ..AllocatorConfig::default()
+        }
     }
 
     /// The deliberate defects the scenario switches on.
@@ -316,13 +337,7 @@ pub async fn host_main(ctx: Rc<Ctx>, name: String) -> turmoil::Result {
             start_node(&ctx, config, ep, physarum_runtime::NoDriver, None).await?
         }
         Role::Allocator(spec) => {
-            config.allocator = Some(AllocatorConfig {
-                max_instances: spec.max_instances,
-                cull_interval: Duration::from_millis(spec.cull_interval_ms),
-                idle_limit: Duration::from_millis(spec.idle_limit_ms),
-                defects: ctx.defects(),
-                ..AllocatorConfig::default()
-            });
+            config.allocator = Some(ctx.allocator_config(spec));
             let key = ctx.key(&name);
             let grant = Grant::sign(peer.clone(), key.public(), &ctx.key("operator"));
             config.trust.issuer = Some(Issuer::allocator(key, grant).map_err(|e| e.to_string())?);
