@@ -16,6 +16,7 @@
 
 use crate::app_check;
 use crate::front;
+use crate::l4::{L4Config, L4Ctx};
 use crate::limits::Limits;
 use crate::transport::{
     AdoptedInstance, Connector, ExitSink, Inbound, InboundRequest, InstanceDriver, Listener, NetEvent, NoApp, NoDriver,
@@ -70,6 +71,8 @@ pub struct RuntimeConfig {
     pub queue_wait: Duration,
     /// The `Retry-After` sent with a 503 for overload.
     pub retry_after: Duration,
+    /// L4 mappings and chains (`GET /tcp/…`, `GET /udp/…`).
+    pub l4: L4Config,
     /// Service mode: how often the sidecar checks that its application answers ...
     pub app_check_interval: Duration,
     /// ... and how long the application has to answer.
@@ -92,6 +95,7 @@ impl Default for RuntimeConfig {
             retry_after: Duration::from_secs(1),
             app_check_interval: Duration::from_secs(1),
             app_check_timeout: Duration::from_secs(1),
+            l4: L4Config::default(),
         }
     }
 }
@@ -342,19 +346,25 @@ impl<T: Transport, D: InstanceDriver, C: Connector> NodeRuntime<T, D, C> {
             );
             tasks.push(tokio::task::spawn_local(check));
         }
+        let limits = Rc::new(Limits::new(&self.config));
+        let l4 = Rc::new(L4Ctx::new(
+            handle.clone(),
+            pool.clone(),
+            limits.clone(),
+            self.config.l4.clone(),
+            serve.map(Rc::from),
+        ));
         let tunnel_task = tokio::task::spawn_local(tunnel::serve_tunnels(
             tunnels,
-            serve,
+            l4.clone(),
             self.app,
-            handle.clone(),
             credentials,
             self.config.tunnel_hello_timeout,
         ));
         let loop_task = tokio::task::spawn_local(run_loop(shared, cmd_rx, ops_rx, local_rx, exit_rx, requests, events));
-        let limits = Rc::new(Limits::new(&self.config));
         // The loop task stays second: `Running::stopped` waits on it.
         tasks.splice(0..0, [tunnel_task, loop_task]);
-        Running { handle, pool, limits, observer: self.observer, config: self.config, tasks }
+        Running { handle, pool, limits, l4, observer: self.observer, config: self.config, tasks }
     }
 }
 
@@ -364,6 +374,7 @@ pub struct Running<T: Transport> {
     handle: NodeHandle,
     pool: Rc<TunnelPool<T>>,
     limits: Rc<Limits>,
+    l4: Rc<L4Ctx<T>>,
     observer: Rc<dyn Observer>,
     config: RuntimeConfig,
     tasks: Vec<JoinHandle<()>>,
@@ -379,6 +390,7 @@ impl<T: Transport> Running<T> {
     pub fn serve_http<L: Listener>(&mut self, listener: L) {
         let ctx = Rc::new(front::FrontCtx {
             handle: self.handle.clone(),
+            l4: self.l4.clone(),
             pool: self.pool.clone(),
             observer: self.observer.clone(),
             request_deadline: self.config.request_deadline,
@@ -406,6 +418,7 @@ impl<T: Transport> Drop for Running<T> {
         for t in &self.tasks {
             t.abort();
         }
+        self.l4.close_all();
     }
 }
 

@@ -158,14 +158,10 @@ fn serve_as<C: crate::transport::Connector>(
     let (handle, mut cmds) = NodeHandle::for_test(PeerId(peer.into()));
     tokio::task::spawn_local(async move { while cmds.recv().await.is_some() {} });
     let cell = Rc::new(RefCell::new(creds));
-    tokio::task::spawn_local(tunnel::serve_tunnels(
-        rx,
-        Some(service.into()),
-        app,
-        handle,
-        cell,
-        Duration::from_secs(5),
-    ));
+    let config = RuntimeConfig::default();
+    let limits = Rc::new(crate::limits::Limits::new(&config));
+    let l4 = Rc::new(crate::l4::L4Ctx::new(handle, new_pool(net), limits, config.l4, Some(Rc::from(service))));
+    tokio::task::spawn_local(tunnel::serve_tunnels(rx, l4, app, cell, Duration::from_secs(5)));
 }
 
 /// Instance proxy "B" on `net`: serves `hello` by forwarding to the app at `app`.
@@ -265,12 +261,16 @@ async fn harness() -> Harness {
         }
     });
     let pool = new_pool(&net);
+    let config = RuntimeConfig::default();
+    let limits = Rc::new(crate::limits::Limits::new(&config));
+    let l4 = Rc::new(crate::l4::L4Ctx::new(a_handle.clone(), pool.clone(), limits.clone(), config.l4, None));
     let ctx = Rc::new(FrontCtx {
         handle: a_handle,
+        l4,
         pool: pool.clone(),
         observer: Rc::new(()),
         request_deadline: Duration::from_secs(5),
-        limits: Rc::new(crate::limits::Limits::new(&RuntimeConfig::default())),
+        limits,
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let front = listener.local_addr().unwrap();
