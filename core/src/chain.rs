@@ -91,8 +91,13 @@ pub enum LinkInput {
     /// Probe `id` answered (`rtt`) or failed (`None`). `in_flight`: whether data was
     /// in flight towards the next hop at this moment.
     ProbeDone { id: u64, rtt: Option<Duration>, in_flight: bool },
-    /// The stream to the next hop failed or ended before this side ended it.
+    /// The stream to the next hop failed.
     Broken { reason: String, in_flight: bool },
+    /// The next hop ended its stream before this side ended its own: a server
+    /// closing first, or a hop that went away (a killed process's connection ends
+    /// the same way). With TCP data in flight the upstream is reset; otherwise the
+    /// next hop is probed at once, and the end passed upstream only if it answers.
+    DownstreamEnded { in_flight: bool },
     /// The upstream side (the client, or the previous hop) left.
     UpstreamGone,
 }
@@ -107,6 +112,8 @@ pub enum LinkOutput {
     Evict { peer: PeerId, reason: String },
     /// Data may flow over the stream of the last set-up.
     Ready { hops: Vec<HopChoice>, repaired: bool },
+    /// The next hop ended its side and still answers: pass the end upstream.
+    EndUpstream,
     /// End the session by resetting the upstream side (TCP data was in flight).
     Reset { reason: String },
     /// End the session: the chain cannot be placed (or replaced).
@@ -122,8 +129,9 @@ enum State {
     /// Waiting to try the set-up again.
     Waiting { until: Instant, attempt: u32, repair: bool },
     /// Up through `peer`; the next probe is due at `next_probe`, or probe
-    /// `in_flight` was sent and is overdue at `overdue`.
-    Up { peer: PeerId, hard: Duration, next_probe: Instant, probe: Option<(u64, Instant)> },
+    /// `in_flight` was sent and is overdue at `overdue`. `ending`: the next hop
+    /// ended its side; the probe out confirms it is alive.
+    Up { peer: PeerId, hard: Duration, next_probe: Instant, probe: Option<(u64, Instant)>, ending: bool },
     /// Over: nothing more comes out.
     Closed,
 }
@@ -187,6 +195,7 @@ impl Link {
                     self.hop_failed(now, peer, format!("its stream broke: {reason}"), in_flight);
                 }
             }
+            LinkInput::DownstreamEnded { in_flight } => self.downstream_ended(now, in_flight),
             LinkInput::UpstreamGone => {
                 if self.state != State::Closed {
                     self.state = State::Closed;
@@ -209,17 +218,34 @@ impl Link {
                 let reason = format!("no probe answer within {hard:?}");
                 self.hop_failed(now, peer, reason, true);
             }
-            State::Up { peer, hard, next_probe, probe: None } if now >= next_probe => {
-                let id = self.next_probe_id;
-                self.next_probe_id += 1;
-                // The runtime's probe has `hard` as its timeout; the slack only
-                // catches a runtime that never answers.
-                let overdue = now + hard + hard.max(Duration::from_millis(500));
-                self.state = State::Up { peer: peer.clone(), hard, next_probe, probe: Some((id, overdue)) };
-                self.out.push_back(LinkOutput::Probe { id, peer, timeout: hard });
+            State::Up { peer, hard, next_probe, probe: None, ending } if now >= next_probe => {
+                self.send_probe(now, peer, hard, ending)
             }
             _ => {}
         }
+    }
+
+    fn send_probe(&mut self, now: Instant, peer: PeerId, hard: Duration, ending: bool) {
+        let id = self.next_probe_id;
+        self.next_probe_id += 1;
+        // The runtime's probe has `hard` as its timeout; the slack only catches a
+        // runtime that never answers.
+        let overdue = now + hard + hard.max(Duration::from_millis(500));
+        self.state = State::Up { peer: peer.clone(), hard, next_probe: now, probe: Some((id, overdue)), ending };
+        self.out.push_back(LinkOutput::Probe { id, peer, timeout: hard });
+    }
+
+    fn downstream_ended(&mut self, now: Instant, in_flight: bool) {
+        let State::Up { peer, hard, ending: false, .. } = &self.state else { return };
+        let (peer, hard) = (peer.clone(), *hard);
+        if self.proto == L4Proto::Tcp && in_flight {
+            self.state = State::Closed;
+            let reason = format!("the next hop ({peer}) ended its stream with data in flight");
+            self.out.push_back(LinkOutput::Reset { reason });
+            return;
+        }
+        // A probe out now is replaced by this one (its answer is ignored).
+        self.send_probe(now, peer, hard, true);
     }
 
     fn setup_done(&mut self, now: Instant, result: Result<Placed, SetupError>) {
@@ -227,7 +253,7 @@ impl Link {
         match result {
             Ok(Placed { peer, hops, hard }) => {
                 let next_probe = now + self.config.probe_interval;
-                self.state = State::Up { peer, hard, next_probe, probe: None };
+                self.state = State::Up { peer, hard, next_probe, probe: None, ending: false };
                 self.out.push_back(LinkOutput::Ready { hops, repaired: repair });
             }
             Err(e) if e.retryable() && attempt < self.config.setup_attempts => {
@@ -242,15 +268,19 @@ impl Link {
     }
 
     fn probe_done(&mut self, now: Instant, id: u64, rtt: Option<Duration>, in_flight: bool) {
-        let State::Up { peer, hard, probe: Some((expected, _)), .. } = &self.state else { return };
+        let State::Up { peer, hard, probe: Some((expected, _)), ending, .. } = &self.state else { return };
         if id != *expected {
             return;
         }
-        let (peer, hard) = (peer.clone(), *hard);
+        let (peer, hard, ending) = (peer.clone(), *hard, *ending);
         match rtt {
             Some(rtt) if rtt <= hard => {
                 let next_probe = now + self.config.probe_interval;
-                self.state = State::Up { peer, hard, next_probe, probe: None };
+                // Probing goes on after the end has been passed upstream.
+                self.state = State::Up { peer, hard, next_probe, probe: None, ending: false };
+                if ending {
+                    self.out.push_back(LinkOutput::EndUpstream);
+                }
             }
             Some(rtt) => self.hop_failed(now, peer, format!("RTT {rtt:?} over the hard limit {hard:?}"), in_flight),
             None => self.hop_failed(now, peer, format!("no probe answer within {hard:?}"), in_flight),
@@ -369,6 +399,32 @@ mod tests {
     }
 
     #[test]
+    fn a_downstream_end_is_confirmed_by_a_probe_before_it_is_passed_on() {
+        // Quiet: probed at once; an answer passes the end upstream.
+        let mut l = up(L4Proto::Tcp);
+        l.handle_input(t(10), LinkInput::DownstreamEnded { in_flight: false });
+        let id = match drain(&mut l)[..] {
+            [LinkOutput::Probe { id, .. }] => id,
+            ref other => panic!("{other:?}"),
+        };
+        l.handle_input(t(11), LinkInput::ProbeDone { id, rtt: Some(Duration::from_millis(1)), in_flight: false });
+        assert_eq!(drain(&mut l), vec![LinkOutput::EndUpstream]);
+        // No answer: the hop went away; replaced.
+        let mut l = up(L4Proto::Udp);
+        l.handle_input(t(10), LinkInput::DownstreamEnded { in_flight: true });
+        let id = match drain(&mut l)[..] {
+            [LinkOutput::Probe { id, .. }] => id,
+            ref other => panic!("{other:?}"),
+        };
+        l.handle_input(t(400), LinkInput::ProbeDone { id, rtt: None, in_flight: true });
+        assert!(matches!(drain(&mut l)[..], [LinkOutput::Evict { .. }, LinkOutput::Setup { .. }]));
+        // TCP with data in flight: reset, whatever the next hop says.
+        let mut l = up(L4Proto::Tcp);
+        l.handle_input(t(10), LinkInput::DownstreamEnded { in_flight: true });
+        assert!(matches!(drain(&mut l)[..], [LinkOutput::Reset { .. }]));
+    }
+
+    #[test]
     fn an_unanswered_probe_is_a_failure_when_overdue() {
         let mut l = up(L4Proto::Udp);
         let (_, _, _) = next_probe(&mut l);
@@ -426,6 +482,7 @@ mod tests {
         Probe(Option<u64>, bool),
         StaleProbe,
         Broken(bool),
+        Ended(bool),
         Gone,
     }
 
@@ -437,6 +494,7 @@ mod tests {
             (proptest::option::of(0u64..600), any::<bool>()).prop_map(|(r, f)| Step::Probe(r, f)),
             Just(Step::StaleProbe),
             any::<bool>().prop_map(Step::Broken),
+            any::<bool>().prop_map(Step::Ended),
             Just(Step::Gone),
         ]
     }
@@ -458,6 +516,7 @@ mod tests {
                 // Whether this step may report data in flight (an overdue probe, found
                 // on a tick, counts as in flight).
                 let mut in_flight_now = false;
+                let step_was = Some(step.clone());
                 match step {
                     Step::Tick(ms) => {
                         now += Duration::from_millis(ms);
@@ -487,6 +546,10 @@ mod tests {
                         in_flight_now = in_flight;
                         l.handle_input(now, LinkInput::Broken { reason: "b".into(), in_flight })
                     }
+                    Step::Ended(in_flight) => {
+                        in_flight_now = in_flight;
+                        l.handle_input(now, LinkInput::DownstreamEnded { in_flight })
+                    }
                     Step::Gone => l.handle_input(now, LinkInput::UpstreamGone),
                     _ => {}
                 }
@@ -499,7 +562,11 @@ mod tests {
                             probe = None
                         }
                         LinkOutput::Probe { id, timeout, .. } => {
-                            prop_assert!(probe.is_none() && !setting, "a probe while another runs or while setting up");
+                            // A downstream end replaces the probe out by a new one.
+                            prop_assert!(
+                                (probe.is_none() || matches!(step_was, Some(Step::Ended(_)))) && !setting,
+                                "a probe while another runs or while setting up"
+                            );
                             prop_assert_eq!(timeout, HARD);
                             probe = Some(id);
                         }
@@ -509,7 +576,7 @@ mod tests {
                         }
                         LinkOutput::Evict { .. } => probe = None,
                         LinkOutput::Failed(_) | LinkOutput::Teardown => closed = true,
-                        LinkOutput::Ready { .. } => {}
+                        LinkOutput::Ready { .. } | LinkOutput::EndUpstream => {}
                     }
                 }
                 prop_assert_eq!(l.is_closed(), closed);

@@ -31,6 +31,7 @@
 use crate::front::{decide, Route};
 use crate::http::{read_frame, text_response, write_frame, ProxyBody};
 use crate::limits::{Admitted, Limits};
+use crate::link::{first_setup, LinkEnd};
 use crate::node_loop::NodeHandle;
 use crate::relay::{self, pump, stream_ends, udp_ends, Activity, Pump, Rx, Tx, UdpEnd};
 use crate::transport::{ByteStream, Connector, Transport};
@@ -38,9 +39,10 @@ use crate::tunnel::{OpenFailure, TunnelPool};
 use bytes::Bytes;
 use hyper::header::HeaderValue;
 use hyper::{Method, Response};
+use physarum_core::chain::LinkConfig;
 use physarum_core::io::Input;
 use physarum_core::l4::Chain;
-use physarum_core::types::PeerAddr;
+use physarum_core::types::{ContentHash, PeerAddr};
 use physarum_core::wire::{HopChoice, L4Hop, L4Open, L4Proto, L4Ready, MAX_CHAIN_HOPS};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -48,7 +50,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 
@@ -155,8 +157,9 @@ pub(crate) struct Session<S> {
     pub stream: S,
     pub hops: Vec<HopChoice>,
     pub instance: PeerAddr,
+    pub hash: ContentHash,
     /// The stream's place under the instance's stream limit, for the session's life.
-    _place: Admitted,
+    pub place: Admitted,
 }
 
 /// Set up `hops` (at least one) from this node: find or allocate the first hop's
@@ -227,7 +230,7 @@ pub(crate) async fn open_session<T: Transport>(
         };
         match ready {
             L4Ready::Ok { hops: chosen } if chosen.len() == hops.len() => {
-                return Ok(Session { stream, hops: chosen, instance, _place: place })
+                return Ok(Session { stream, hops: chosen, instance, hash, place })
             }
             L4Ready::Ok { hops: chosen } => {
                 let reason = format!("acknowledged {} hops for a chain of {}", chosen.len(), hops.len());
@@ -262,8 +265,8 @@ pub(crate) async fn control<T: Transport>(ctx: &Rc<L4Ctx<T>>, method: &Method, p
     }
     // Set the chain up once now: a hop that cannot be placed is reported here, and
     // the instances it allocated are up for the first client.
-    let hops = match open_session(ctx, chain.hops()).await {
-        Ok(session) => session.hops,
+    let hops = match first_setup(ctx, chain.hops(), LinkConfig::default()).await {
+        Ok(linked) => linked.hops().to_vec(),
         Err(f) => {
             tracing::info!(chain = %key, "L4 chain refused: {f}");
             return text_response(f.status, f.to_string());
@@ -338,26 +341,38 @@ async fn serve_tcp<T: Transport>(ctx: Rc<L4Ctx<T>>, listener: TcpListener, chain
         let chain = chain.clone();
         tokio::task::spawn_local(async move {
             let _place = place;
-            let session = match open_session(&ctx, chain.hops()).await {
-                Ok(s) => s,
+            let linked = match first_setup(&ctx, chain.hops(), LinkConfig::default()).await {
+                Ok(l) => l,
                 Err(f) => {
                     tracing::warn!(%from, "L4 mapping {chain}: {f}");
                     return;
                 }
             };
-            tracing::debug!(%from, instance = %session.instance.peer, "L4 connection over {chain} set up");
+            // A second handle on the socket: a reset is a close with zero linger.
+            let (conn, resetter) = match conn.into_std().and_then(|s| Ok((s.try_clone()?, s))) {
+                Ok((dup, s)) => match TcpStream::from_std(s) {
+                    Ok(conn) => (conn, dup),
+                    Err(e) => return tracing::warn!(%from, "L4 mapping {chain}: {e}"),
+                },
+                Err(e) => return tracing::warn!(%from, "L4 mapping {chain}: {e}"),
+            };
             let (client_rx, client_tx) = stream_ends(conn, L4Proto::Tcp);
-            let (hop_rx, hop_tx) = stream_ends(session.stream, L4Proto::Tcp);
-            let pumps: Vec<Pump> =
-                vec![Box::pin(pump(client_rx, hop_tx, None)), Box::pin(pump(hop_rx, client_tx, None))];
-            if let Err(e) = relay::run(pumps).await {
-                tracing::debug!(%from, "L4 connection over {chain} ended: {e}");
+            match linked.relay(&ctx, chain.hops(), client_rx, client_tx).await {
+                LinkEnd::Done => {}
+                LinkEnd::Failed(f) => tracing::warn!(%from, "L4 connection over {chain} ended: {f}"),
+                LinkEnd::Reset(reason) => {
+                    tracing::warn!(%from, "L4 connection over {chain} reset: {reason}");
+                    if let Ok(s) = TcpStream::from_std(resetter) {
+                        let _ = s.set_zero_linger();
+                    }
+                }
             }
         });
     }
 }
 
-type Flows = Rc<RefCell<BTreeMap<SocketAddr, mpsc::Sender<Bytes>>>>;
+/// Each flow's queue, and when it last carried a datagram either way.
+type Flows = Rc<RefCell<BTreeMap<SocketAddr, (mpsc::Sender<Bytes>, Rc<Activity>)>>>;
 
 async fn serve_udp<T: Transport>(ctx: Rc<L4Ctx<T>>, socket: Rc<UdpSocket>, chain: Chain) {
     let flows: Flows = Rc::default();
@@ -372,7 +387,8 @@ async fn serve_udp<T: Transport>(ctx: Rc<L4Ctx<T>>, socket: Rc<UdpSocket>, chain
         };
         let datagram = Bytes::copy_from_slice(&buf[..n]);
         let mut map = flows.borrow_mut();
-        if let Some(tx) = map.get(&from) {
+        if let Some((tx, activity)) = map.get(&from) {
+            activity.touch();
             // A full queue drops the datagram, as a congested UDP path would.
             let _ = tx.try_send(datagram);
             continue;
@@ -383,9 +399,11 @@ async fn serve_udp<T: Transport>(ctx: Rc<L4Ctx<T>>, socket: Rc<UdpSocket>, chain
         }
         let (tx, rx) = mpsc::channel(ctx.config.udp_flow_queue.max(1));
         let _ = tx.try_send(datagram);
-        map.insert(from, tx);
+        let activity = Rc::new(Activity::default());
+        activity.touch();
+        map.insert(from, (tx, activity.clone()));
         drop(map);
-        let flow = udp_flow(ctx.clone(), socket.clone(), from, rx, chain.clone());
+        let flow = udp_flow(ctx.clone(), socket.clone(), from, rx, activity, chain.clone());
         let flows = flows.clone();
         tokio::task::spawn_local(async move {
             flow.await;
@@ -401,22 +419,18 @@ async fn udp_flow<T: Transport>(
     socket: Rc<UdpSocket>,
     from: SocketAddr,
     queue: mpsc::Receiver<Bytes>,
+    activity: Rc<Activity>,
     chain: Chain,
 ) {
-    let session = match open_session(&ctx, chain.hops()).await {
-        Ok(s) => s,
+    let linked = match first_setup(&ctx, chain.hops(), LinkConfig::default()).await {
+        Ok(l) => l,
         Err(f) => {
             tracing::warn!(%from, "L4 mapping {chain}: {f}");
             return;
         }
     };
-    let activity = Rc::new(Activity::default());
-    activity.last.set(Some(tokio::time::Instant::now()));
-    let (hop_rx, hop_tx) = stream_ends(session.stream, L4Proto::Udp);
-    let pumps: Vec<Pump> = vec![
-        Box::pin(pump(Rx::Queue(queue), hop_tx, Some(activity.clone()))),
-        Box::pin(pump(hop_rx, Tx::UdpTo(socket, from), Some(activity.clone()))),
-    ];
+    let feed = Rx::Queue(queue);
+    let back = Tx::UdpTo(socket, from, Some(activity.clone()));
     let idle = ctx.config.udp_flow_idle;
     let expired = async {
         loop {
@@ -428,8 +442,10 @@ async fn udp_flow<T: Transport>(
         }
     };
     tokio::select! {
-        r = relay::run(pumps) => if let Err(e) = r {
-            tracing::debug!(%from, "L4 flow over {chain} ended: {e}");
+        end = linked.relay(&ctx, chain.hops(), feed, back) => match end {
+            LinkEnd::Done => {}
+            LinkEnd::Failed(f) => tracing::warn!(%from, "L4 flow over {chain} ended: {f}"),
+            LinkEnd::Reset(reason) => tracing::warn!(%from, "L4 flow over {chain} ended: {reason}"),
         },
         _ = expired => tracing::debug!(%from, "L4 flow over {chain} idle for {idle:?}: ended"),
     }
@@ -461,14 +477,14 @@ pub(crate) async fn serve_hop<T: Transport, C: Connector, S: ByteStream>(
     };
     let me = HopChoice { service: served.to_string(), instance: ctx.handle.local_peer().clone() };
     let (app_rx, app_tx) = app_end;
-    let Some(next) = open.rest.first() else {
+    if open.rest.is_empty() {
         write_frame(&mut up, &L4Ready::Ok { hops: vec![me] }).await.map_err(|e| e.to_string())?;
         let (up_rx, up_tx) = stream_ends(up, open.proto);
-        let pumps: Vec<Pump> = vec![Box::pin(pump(up_rx, app_tx, None)), Box::pin(pump(app_rx, up_tx, None))];
+        let pumps: Vec<Pump> = vec![Box::pin(pump(up_rx, app_tx)), Box::pin(pump(app_rx, up_tx))];
         return relay::run(pumps).await.map_err(|e| e.to_string());
-    };
-    let down = match open_session(&ctx, &open.rest).await {
-        Ok(s) => s,
+    }
+    let linked = match first_setup(&ctx, &open.rest, LinkConfig::default()).await {
+        Ok(l) => l,
         Err(f) => {
             // Hop numbers in the answer count from this hop.
             let hop = u32::try_from(f.hop + 1).unwrap_or(u32::MAX);
@@ -476,21 +492,32 @@ pub(crate) async fn serve_hop<T: Transport, C: Connector, S: ByteStream>(
             return write_frame(&mut up, &answer).await.map_err(|e| e.to_string());
         }
     };
-    let Session { stream: down_stream, hops: chosen, _place: down_place, .. } = down;
     let mut hops = vec![me];
-    hops.extend(chosen);
+    hops.extend(linked.hops().iter().cloned());
     write_frame(&mut up, &L4Ready::Ok { hops }).await.map_err(|e| e.to_string())?;
     let (up_rx, up_tx) = stream_ends(up, open.proto);
-    let (down_rx, down_tx) = stream_ends(down_stream, next.proto);
-    // Out through this hop's application, back as it comes.
-    let pumps: Vec<Pump> = vec![
-        Box::pin(pump(up_rx, app_tx, None)),
-        Box::pin(pump(app_rx, down_tx, None)),
-        Box::pin(pump(down_rx, up_tx, None)),
-    ];
-    let result = relay::run(pumps).await.map_err(|e| e.to_string());
-    drop(down_place);
-    result
+    // Out through this hop's application, then down the link; back as it comes.
+    let mut into_app = Box::pin(pump(up_rx, app_tx));
+    let mut relay = Box::pin(linked.relay(&ctx, &open.rest, app_rx, up_tx));
+    tokio::select! {
+        end = &mut relay => match end {
+            // The chain ended; what upstream still sends goes on to the application.
+            LinkEnd::Done => into_app.await.map_err(|e| e.to_string()),
+            // Upstream sees the stream end with its data in flight, and resets too.
+            LinkEnd::Reset(reason) => Err(format!("reset: {reason}")),
+            LinkEnd::Failed(f) => Err(format!("chain failed: {f}")),
+        },
+        sent = &mut into_app => {
+            if let Err(e) = sent {
+                return Err(format!("upstream: {e}"));
+            }
+            match relay.await {
+                LinkEnd::Done => Ok(()),
+                LinkEnd::Reset(reason) => Err(format!("reset: {reason}")),
+                LinkEnd::Failed(f) => Err(format!("chain failed: {f}")),
+            }
+        }
+    }
 }
 
 /// This hop's end towards its application, speaking `proto`.

@@ -36,6 +36,7 @@ mod front;
 pub mod http;
 pub mod l4;
 mod limits;
+mod link;
 pub mod node_loop;
 mod relay;
 pub mod transport;

@@ -113,6 +113,10 @@ pub(crate) enum Command {
 trait CoreLink {
     fn http(&self, service: String, deadline: Duration, retry: bool) -> Option<oneshot::Receiver<Outcome>>;
     fn feed(&self, input: Input);
+    /// The hard RTT limit of `service`, when the core knows one.
+    fn hard_limit(&self, _service: &str) -> Option<Duration> {
+        None
+    }
 }
 
 /// Commands to a fake core (tests).
@@ -189,6 +193,12 @@ impl NodeHandle {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.in_flight() == 0
+    }
+
+    /// The hard RTT limit clients hold `service`'s instances to (its registry entry's,
+    /// else the configured default), when known.
+    pub fn hard_limit(&self, service: &str) -> Option<Duration> {
+        self.core.hard_limit(service)
     }
 
     /// Route a request again after its try failed (the core checks its retry budget).
@@ -596,6 +606,10 @@ impl<T: Transport, D: InstanceDriver> CoreLink for LoopShared<T, D> {
             Err(_) => self.deferred.send(Command::Http { service, deadline, reply, retry }).ok()?,
         }
         Some(rx)
+    }
+
+    fn hard_limit(&self, service: &str) -> Option<Duration> {
+        self.state.try_borrow().ok()?.node.hard_limit(service)
     }
 
     fn feed(&self, input: Input) {

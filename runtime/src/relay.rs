@@ -63,8 +63,8 @@ pub(crate) enum Tx {
     Datagrams(Box<dyn AsyncWrite + Unpin>, Vec<u8>),
     /// A connected UDP socket.
     Udp(Rc<UdpEnd>),
-    /// A shared socket, sending to one client address.
-    UdpTo(Rc<UdpSocket>, SocketAddr),
+    /// A shared socket, sending to one client address (marking the flow active).
+    UdpTo(Rc<UdpSocket>, SocketAddr, Option<Rc<Activity>>),
 }
 
 /// The two halves of a stream that carries `proto`'s data: raw bytes for TCP,
@@ -87,7 +87,7 @@ pub(crate) fn udp_ends(end: Rc<UdpEnd>) -> (Rx, Tx) {
 
 impl Rx {
     /// The next chunk into `buf` (at most `max` bytes from a byte stream); `None` at the end.
-    async fn next(&mut self, buf: &mut [u8], max: usize) -> io::Result<Option<usize>> {
+    pub(crate) async fn next(&mut self, buf: &mut [u8], max: usize) -> io::Result<Option<usize>> {
         match self {
             Rx::Bytes(r) => {
                 let n = r.read(&mut buf[..max]).await?;
@@ -138,7 +138,7 @@ impl Tx {
         !matches!(self, Tx::Bytes(_))
     }
 
-    async fn send(&mut self, data: &[u8]) -> io::Result<()> {
+    pub(crate) async fn send(&mut self, data: &[u8]) -> io::Result<()> {
         match self {
             Tx::Bytes(w) => w.write_all(data).await,
             Tx::Datagrams(w, joined) => {
@@ -156,7 +156,10 @@ impl Tx {
                 }
                 Ok(())
             }
-            Tx::UdpTo(socket, to) => {
+            Tx::UdpTo(socket, to, activity) => {
+                if let Some(a) = activity {
+                    a.touch();
+                }
                 if let Err(e) = socket.send_to(data, *to).await {
                     tracing::debug!(%to, "udp datagram to the client lost: {e}");
                 }
@@ -165,7 +168,7 @@ impl Tx {
         }
     }
 
-    async fn flush(&mut self) -> io::Result<()> {
+    pub(crate) async fn flush(&mut self) -> io::Result<()> {
         match self {
             Tx::Bytes(w) | Tx::Datagrams(w, _) => w.flush().await,
             Tx::Udp(_) | Tx::UdpTo(..) => Ok(()),
@@ -173,7 +176,7 @@ impl Tx {
     }
 
     /// The source has ended: pass the end on.
-    async fn finish(&mut self) {
+    pub(crate) async fn finish(&mut self) {
         match self {
             Tx::Bytes(w) | Tx::Datagrams(w, _) => {
                 let _ = w.shutdown().await;
@@ -191,21 +194,18 @@ pub(crate) struct Activity {
 }
 
 impl Activity {
-    fn touch(&self) {
+    pub(crate) fn touch(&self) {
         self.last.set(Some(tokio::time::Instant::now()));
     }
 }
 
 /// Move chunks from `rx` to `tx` until `rx` ends (then pass the end on) or either fails.
-pub(crate) async fn pump(mut rx: Rx, mut tx: Tx, activity: Option<Rc<Activity>>) -> io::Result<()> {
+pub(crate) async fn pump(mut rx: Rx, mut tx: Tx) -> io::Result<()> {
     let max = if tx.takes_datagrams() { MAX_DATAGRAM } else { STREAM_CHUNK };
     let mut buf = vec![0u8; STREAM_CHUNK.max(UDP_BUFFER)];
     loop {
         let Some(n) = rx.next(&mut buf, max).await? else { break };
         tx.send(&buf[..n]).await?;
-        if let Some(a) = &activity {
-            a.touch();
-        }
         // A stream may hold written bytes until flushed; a chunk never waits for the next.
         tx.flush().await?;
     }
@@ -243,7 +243,7 @@ mod tests {
                 qtx.send(Bytes::from(vec![i as u8; *s])).await.unwrap();
             }
             drop(qtx);
-            let sender = tokio::task::spawn_local(pump(Rx::Queue(qrx), a_tx, None));
+            let sender = tokio::task::spawn_local(pump(Rx::Queue(qrx), a_tx));
             let mut rx = b_rx;
             let mut buf = vec![0u8; UDP_BUFFER];
             let mut got = Vec::new();
@@ -282,7 +282,7 @@ mod tests {
             let src: &'static [u8] = Box::leak(data.clone().into_boxed_slice());
             let (a, b) = tokio::io::duplex(1 << 20);
             let (_, a_tx) = stream_ends(a, L4Proto::Udp);
-            let p = tokio::task::spawn_local(pump(Rx::Bytes(Box::new(src)), a_tx, None));
+            let p = tokio::task::spawn_local(pump(Rx::Bytes(Box::new(src)), a_tx));
             let (mut rx, _) = stream_ends(b, L4Proto::Udp);
             let mut buf = vec![0u8; UDP_BUFFER];
             let mut total = 0;

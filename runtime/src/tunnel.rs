@@ -108,6 +108,11 @@ impl<T: Transport> TunnelPool<T> {
             .map_err(|e| OpenFailure::Untrusted(e.to_string()))
     }
 
+    /// The network the pool opens streams on.
+    pub(crate) fn transport(&self) -> &T {
+        &self.transport
+    }
+
     /// Idle streams currently pooled for `peer` and `service` (for tests and metrics).
     pub fn idle_count(&self, peer: &PeerId, service: &str) -> usize {
         self.idle.borrow().get(&(peer.clone(), service.to_string())).map_or(0, Vec::len)
