@@ -278,3 +278,127 @@ fn a_mixed_chain_delivers_end_to_end_names_a_bad_hop_and_survives_a_killed_middl
         Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "not a reset: {e}"),
     }
 }
+
+/// Send `total` bytes through `addr` (an echo) and read them back; the seconds it took.
+fn tcp_echo_run(addr: SocketAddr, total: u64) -> f64 {
+    let t0 = Instant::now();
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    conn.set_nodelay(true).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut writer = conn.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let buf = vec![7u8; 256 * 1024];
+        let mut sent = 0u64;
+        while sent < total {
+            let n = buf.len().min((total - sent) as usize);
+            writer.write_all(&buf[..n]).unwrap();
+            sent += n as u64;
+        }
+        writer.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    loop {
+        let n = conn.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    sender.join().unwrap();
+    assert_eq!(got, total);
+    t0.elapsed().as_secs_f64()
+}
+
+/// Offer `rate_mbit` of `size`-byte datagrams to `addr` (an echo) for `secs`; the
+/// delivered rate (Mbit/s, counting echoes) and the share of datagrams lost.
+fn udp_echo_run(socket: &UdpSocket, addr: SocketAddr, size: usize, rate_mbit: f64, secs: f64) -> (f64, f64) {
+    let receiver = socket.try_clone().unwrap();
+    receiver.set_read_timeout(Some(Duration::from_millis(1000))).unwrap();
+    let count = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 70_000];
+        let mut got = 0u64;
+        while let Ok(n) = receiver.recv(&mut buf) {
+            if n > 0 {
+                got += 1;
+            }
+        }
+        got
+    });
+    let per_sec = rate_mbit * 1e6 / 8.0 / size as f64;
+    let total = (per_sec * secs) as u64;
+    let payload = vec![1u8; size];
+    let t0 = Instant::now();
+    for i in 0..total {
+        // Paced: datagram i leaves no earlier than i / per_sec.
+        let due = Duration::from_secs_f64(i as f64 / per_sec);
+        if let Some(wait) = due.checked_sub(t0.elapsed()) {
+            if wait > Duration::from_micros(200) {
+                std::thread::sleep(wait);
+            }
+        }
+        let _ = socket.send_to(&payload, addr);
+    }
+    let took = t0.elapsed().as_secs_f64();
+    let got = count.join().unwrap();
+    let delivered = got as f64 * size as f64 * 8.0 / took / 1e6;
+    (delivered, 1.0 - got as f64 / total as f64)
+}
+
+/// TCP throughput through one hop and UDP throughput and loss through chains of 1,
+/// 2, 5 and 10 hops, each beside the direct path to the same demo, on loopback. A
+/// measurement, not a check:
+/// `cargo test --release -p physarum --test l4 -- --ignored --nocapture measure`
+/// (`PHYSARUM_L4_RATE_MBIT` sets the offered UDP rate, 100 by default).
+#[test]
+#[ignore]
+fn measure_l4_throughput_and_loss() {
+    let c = Cluster::start("l4-bench", 1);
+    register_demo(&c, "tcp-echo", "tcp-echo");
+    let names: Vec<String> = (1..=10).map(|i| format!("u{i}")).collect();
+    for n in &names {
+        register_demo(&c, n, "udp-echo");
+    }
+    // The direct paths: the same demos, started by hand.
+    let tcp_port = free_port();
+    let mut tcp_direct = command("physarum", c.dir.path());
+    tcp_direct.args(["tcp-echo", "--port", &tcp_port.to_string()]);
+    let _tcp_direct = Proc::spawn("tcp-echo-direct", tcp_direct, c.dir.path());
+    let udp_port = free_port();
+    let mut udp_direct = command("physarum", c.dir.path());
+    udp_direct.args(["udp-echo", "--port", &udp_port.to_string()]);
+    let _udp_direct = Proc::spawn("udp-echo-direct", udp_direct, c.dir.path());
+    let tcp_direct: SocketAddr = format!("127.0.0.1:{tcp_port}").parse().unwrap();
+    let udp_direct: SocketAddr = format!("127.0.0.1:{udp_port}").parse().unwrap();
+    wait_for("the direct demos", Duration::from_secs(20), || connects(tcp_direct).then_some(()));
+    wait_for("the direct demos", Duration::from_secs(20), || connects(udp_direct).then_some(()));
+
+    const TCP_BYTES: u64 = 1 << 30;
+    let mapped = map(&c, "/tcp/tcp-echo");
+    tcp_echo_run(mapped, 64 << 20); // warm-up
+    let direct_s = tcp_echo_run(tcp_direct, TCP_BYTES);
+    let hop_s = tcp_echo_run(mapped, TCP_BYTES);
+    let gbit = |s: f64| TCP_BYTES as f64 * 8.0 / s / 1e9;
+    println!("| path | TCP echo, 1 GiB each way | Gbit/s each way |");
+    println!("|---|---|---|");
+    println!("| direct | {direct_s:.2} s | {:.2} |", gbit(direct_s));
+    println!("| one hop (client proxy → sidecar) | {hop_s:.2} s | {:.2} |", gbit(hop_s));
+
+    let rate: f64 = std::env::var("PHYSARUM_L4_RATE_MBIT").ok().and_then(|r| r.parse().ok()).unwrap_or(100.0);
+    let size = 1200;
+    println!();
+    println!("| UDP path ({size}-byte datagrams offered at {rate} Mbit/s, echoed) | delivered Mbit/s | lost |");
+    println!("|---|---|---|");
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (d, l) = udp_echo_run(&client, udp_direct, size, rate, 3.0);
+    println!("| direct | {d:.1} | {:.2} % |", l * 100.0);
+    for hops in [1usize, 2, 5, 10] {
+        let path = format!("/udp/{}", names[..hops].join("/"));
+        let addr = map(&c, &path);
+        // One client address is one flow: set it up first, then measure on it.
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        udp_echo_run(&client, addr, size, rate / 10.0, 0.5);
+        let (d, l) = udp_echo_run(&client, addr, size, rate, 3.0);
+        println!("| {hops} hop{} | {d:.1} | {:.2} % |", if hops > 1 { "s" } else { "" }, l * 100.0);
+    }
+}
