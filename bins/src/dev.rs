@@ -213,12 +213,20 @@ pub(crate) fn hello_config(physarum: &Path, image: Option<&str>) -> ServiceConfi
 pub const TCP_ECHO_SERVICE: &str = "tcp-echo";
 pub const UDP_ECHO_SERVICE: &str = "udp-echo";
 
-/// An L4 demo service's config: this executable's `name` subcommand.
-pub(crate) fn echo_config(physarum: &Path, name: &str) -> ServiceConfig {
+/// More UDP echo services, for a chain of three hops: each its own service (an
+/// instance is never chosen as the next hop after itself, and an allocator hands out
+/// its running instance of a service rather than starting a second).
+pub const UDP_ECHO_EXTRA: [&str; 2] = ["udp-echo-2", "udp-echo-3"];
+
+/// An L4 demo service's config: this executable's `subcommand`, registered as
+/// `name`. The name is also in its environment, so that services of one program
+/// differ in content hash (each is its own service).
+pub(crate) fn echo_config(physarum: &Path, name: &str, subcommand: &str) -> ServiceConfig {
     let mut config = hello_config(physarum, None);
     config.name = Some(name.into());
     if let Some(exec) = &mut config.exec {
-        exec.args = vec![name.into()];
+        exec.args = vec![subcommand.into()];
+        exec.env.insert("PHYSARUM_DEMO_NAME".into(), name.into());
     }
     config
 }
@@ -276,7 +284,10 @@ pub async fn run(args: DevArgs) -> Result<()> {
     let mut services = vec![hello_config(&exe, image)];
     // The L4 demos run as processes (the demo image holds the HTTP demo only).
     if args.driver == DriverKind::Process {
-        services.extend([TCP_ECHO_SERVICE, UDP_ECHO_SERVICE].map(|name| echo_config(&exe, name)));
+        services.push(echo_config(&exe, TCP_ECHO_SERVICE, TCP_ECHO_SERVICE));
+        for name in std::iter::once(UDP_ECHO_SERVICE).chain(UDP_ECHO_EXTRA) {
+            services.push(echo_config(&exe, name, UDP_ECHO_SERVICE));
+        }
     }
     seed_registry(&data_dir, &services, &operator)?;
 
@@ -397,7 +408,9 @@ async fn run_cluster(
         DriverKind::Process => {
             println!("  service      {HELLO_SERVICE} -> {} hello", c.exe.display());
             println!("  service      {TCP_ECHO_SERVICE} -> {} {TCP_ECHO_SERVICE}", c.exe.display());
-            println!("  service      {UDP_ECHO_SERVICE} -> {} {UDP_ECHO_SERVICE}", c.exe.display());
+            for name in std::iter::once(UDP_ECHO_SERVICE).chain(UDP_ECHO_EXTRA) {
+                println!("  service      {name} -> {} {UDP_ECHO_SERVICE}", c.exe.display());
+            }
         }
         DriverKind::Docker => println!("  service      {HELLO_SERVICE} -> image {HELLO_IMAGE}"),
     }

@@ -162,16 +162,16 @@ pub(crate) struct Session<S> {
     pub place: Admitted,
 }
 
-/// Set up `hops` (at least one) from this node: find or allocate the first hop's
-/// instance, open a checked tunnel stream to it and ask it for the rest.
+/// Set up `hops` (at least one) from this node by `deadline`: find or allocate the
+/// first hop's instance, open a checked tunnel stream to it and ask it for the rest.
 pub(crate) async fn open_session<T: Transport>(
     ctx: &L4Ctx<T>,
     hops: &[L4Hop],
+    deadline: tokio::time::Instant,
 ) -> Result<Session<T::Stream>, SetupFailure> {
     let Some((first, rest)) = hops.split_first() else {
         return Err(SetupFailure { hop: 0, service: String::new(), status: 400, reason: "an empty chain".into() });
     };
-    let deadline = tokio::time::Instant::now() + ctx.config.setup_timeout;
     let fail = |status: u16, reason: String| SetupFailure { hop: 0, service: first.service.clone(), status, reason };
     let mut retry = false;
     let mut untrusted_left = MAX_UNTRUSTED_PER_SETUP;

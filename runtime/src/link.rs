@@ -75,13 +75,15 @@ fn setup_failure(e: SetupError) -> SetupFailure {
 }
 
 /// Set up `rest` (at least one hop) under a new link machine: attempts and retries
-/// as it decides. The first success, or why the chain cannot be placed.
+/// as it decides, all within the set-up timeout. The first success, or why the
+/// chain cannot be placed.
 pub(crate) async fn first_setup<T: Transport>(
     ctx: &L4Ctx<T>,
     rest: &[L4Hop],
     config: LinkConfig,
 ) -> Result<Linked<T::Stream>, SetupFailure> {
     let started = tokio::time::Instant::now();
+    let deadline = started + ctx.config.setup_timeout;
     let mut link = Link::new(config, rest[0].proto);
     loop {
         let mut asked = false;
@@ -94,7 +96,7 @@ pub(crate) async fn first_setup<T: Transport>(
             }
         }
         if asked {
-            let result = open_session(ctx, rest).await;
+            let result = open_session(ctx, rest, deadline).await;
             let now = core_time(started);
             match result {
                 Ok(session) => {
@@ -110,6 +112,10 @@ pub(crate) async fn first_setup<T: Transport>(
         match link.poll_timeout() {
             Some(at) => {
                 let wait = Duration::from_micros(at.as_micros().saturating_sub(core_time(started).as_micros()));
+                if tokio::time::Instant::now() + wait >= deadline {
+                    let reason = format!("not placed within the set-up timeout ({:?})", ctx.config.setup_timeout);
+                    return Err(SetupFailure { hop: 0, service: rest[0].service.clone(), status: 504, reason });
+                }
                 tokio::time::sleep(wait).await;
                 link.handle_input(core_time(started), LinkInput::Tick);
             }
@@ -242,7 +248,10 @@ impl<S: crate::transport::ByteStream> Linked<S> {
         loop {
             while let Some(out) = link.poll_output() {
                 match out {
-                    LinkOutput::Setup { .. } => setup = Some(Box::pin(open_session(ctx, rest))),
+                    LinkOutput::Setup { .. } => {
+                        let deadline = tokio::time::Instant::now() + ctx.config.setup_timeout;
+                        setup = Some(Box::pin(open_session(ctx, rest, deadline)));
+                    }
                     LinkOutput::Probe { id, timeout, .. } => {
                         let transport = ctx.pool.transport().clone();
                         let peer = current.0.clone();
