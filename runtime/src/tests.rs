@@ -717,13 +717,16 @@ async fn start_udp_echo() -> SocketAddr {
     addr
 }
 
+/// L4 sessions a sidecar began and ended.
+type SessionCount = Rc<Cell<(usize, usize)>>;
+
 /// Sidecar "B" serving `echo` (UDP at `app`) and a client L4 context on "A" routed
 /// to it; B's sessions (begun, ended) are counted.
 fn l4_pair(
     net: &FakeNet,
     app: SocketAddr,
     config: crate::l4::L4Config,
-) -> (Rc<crate::l4::L4Ctx<FakeNet>>, Rc<Cell<(usize, usize)>>) {
+) -> (Rc<crate::l4::L4Ctx<FakeNet>>, SessionCount) {
     let (tx, rx) = mpsc::unbounded_channel();
     net.peers.borrow_mut().insert("B".into(), tx);
     let (b_handle, mut b_cmds) = NodeHandle::for_test(PeerId("B".into()));
