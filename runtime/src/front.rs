@@ -12,7 +12,7 @@ use hyper::body::{Body as _, Incoming};
 use hyper::http::uri::{InvalidUri, PathAndQuery};
 use hyper::{Request, Response, Uri};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use physarum_core::io::{Input, Outcome};
+use physarum_core::io::Outcome;
 use physarum_core::resilience::{is_idempotent, IDEMPOTENT_HEADER};
 use physarum_core::types::{ContentHash, PeerAddr};
 use std::convert::Infallible;
@@ -175,12 +175,7 @@ async fn forward_with_retry<T: Transport>(
         {
             Ok(Ok(resp)) => return resp.map(|b| b.hold(stream_place)),
             Ok(Err(SendFailure { reason, unsent: Some(back), untrusted: true })) => {
-                tracing::warn!(%service, peer = %instance.peer, %reason, "instance failed the trust check; not routing to it");
-                ctx.handle.feed(Input::Untrusted {
-                    service: hash,
-                    peer: instance.peer.clone(),
-                    reason: reason.clone(),
-                });
+                ctx.handle.untrusted(service, hash, &instance.peer, &reason);
                 untrusted_left -= 1;
                 if untrusted_left == 0 {
                     return text_response(502, format!("no trusted instance of {service}: {} {reason}", instance.peer));

@@ -40,7 +40,6 @@ use bytes::Bytes;
 use hyper::header::HeaderValue;
 use hyper::{Method, Response};
 use physarum_core::chain::LinkConfig;
-use physarum_core::io::Input;
 use physarum_core::l4::Chain;
 use physarum_core::types::{ContentHash, PeerAddr};
 use physarum_core::wire::{HopChoice, L4Hop, L4Open, L4Proto, L4Ready, MAX_CHAIN_HOPS};
@@ -196,12 +195,7 @@ pub(crate) async fn open_session<T: Transport>(
         let mut stream = match opened {
             Ok(Ok(s)) => s,
             Ok(Err(OpenFailure::Untrusted(reason))) => {
-                tracing::warn!(service = %first.service, peer = %instance.peer, %reason, "instance failed the trust check; not routing to it");
-                ctx.handle.feed(Input::Untrusted {
-                    service: hash,
-                    peer: instance.peer.clone(),
-                    reason: reason.clone(),
-                });
+                ctx.handle.untrusted(&first.service, hash, &instance.peer, &reason);
                 untrusted_left -= 1;
                 if untrusted_left == 0 {
                     return Err(fail(502, format!("no trusted instance: {} {reason}", instance.peer)));

@@ -169,6 +169,13 @@ impl NodeHandle {
         self.feed(Input::RouteFailed { service, peer, reason });
     }
 
+    /// An instance of `service` failed the trust check before anything was sent to
+    /// it: say so, and have the core ban it.
+    pub fn untrusted(&self, service: &str, hash: ContentHash, peer: &PeerId, reason: &str) {
+        tracing::warn!(%service, %peer, %reason, "instance failed the trust check; not routing to it");
+        self.feed(Input::Untrusted { service: hash, peer: peer.clone(), reason: reason.to_string() });
+    }
+
     /// Service mode: a tunnelled request begins; it ends when the guard is dropped.
     pub fn serving_request(&self) -> ServingRequest {
         self.feed(Input::TunnelServed);
