@@ -167,28 +167,27 @@ async fn forward_with_retry<T: Transport>(
         // wait for the response head by the try's timeout. The stream is dropped with
         // the future, so it never returns to the pool.
         let try_until = deadline.min(tokio::time::Instant::now() + try_timeout);
-        let (status, reason, unsent) = match tokio::time::timeout_at(
-            try_until,
-            ctx.pool.send(&instance, service, &hash, req),
-        )
-        .await
-        {
-            Ok(Ok(resp)) => return resp.map(|b| b.hold(stream_place)),
-            Ok(Err(SendFailure { reason, unsent: Some(back), untrusted: true })) => {
-                ctx.handle.untrusted(service, hash, &instance.peer, &reason);
-                untrusted_left -= 1;
-                if untrusted_left == 0 {
-                    return text_response(502, format!("no trusted instance of {service}: {} {reason}", instance.peer));
+        let (status, reason, unsent) =
+            match tokio::time::timeout_at(try_until, ctx.pool.send(&instance, service, &hash, req)).await {
+                Ok(Ok(resp)) => return resp.map(|b| b.hold(stream_place)),
+                Ok(Err(SendFailure { reason, unsent: Some(back), untrusted: true })) => {
+                    ctx.handle.untrusted(service, hash, &instance.peer, &reason);
+                    untrusted_left -= 1;
+                    if untrusted_left == 0 {
+                        return text_response(
+                            502,
+                            format!("no trusted instance of {service}: {} {reason}", instance.peer),
+                        );
+                    }
+                    req = back;
+                    continue;
                 }
-                req = back;
-                continue;
-            }
-            Ok(Err(SendFailure { reason, unsent, .. })) => (502, reason, unsent),
-            Err(_) if try_until < deadline => {
-                (504, format!("no response head within the try timeout ({try_timeout:?})"), None)
-            }
-            Err(_) => (504, "no response within the request deadline".to_string(), None),
-        };
+                Ok(Err(SendFailure { reason, unsent, .. })) => (502, reason, unsent),
+                Err(_) if try_until < deadline => {
+                    (504, format!("no response head within the try timeout ({try_timeout:?})"), None)
+                }
+                Err(_) => (504, "no response within the request deadline".to_string(), None),
+            };
         drop(stream_place);
         ctx.handle.route_failed(hash, instance.peer.clone(), reason.clone());
         let msg = format!("instance {} of {service} failed: {reason}", instance.peer);

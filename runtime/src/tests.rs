@@ -727,6 +727,16 @@ fn l4_pair(
     app: SocketAddr,
     config: crate::l4::L4Config,
 ) -> (Rc<crate::l4::L4Ctx<FakeNet>>, SessionCount) {
+    l4_pair_with(net, TcpConnector(app), Some(credentials(&operator(), "B", "hash-echo")), config)
+}
+
+/// As [`l4_pair`], with any connector and the credentials B shows.
+fn l4_pair_with<C: crate::transport::Connector>(
+    net: &FakeNet,
+    app: C,
+    creds: Option<Credentials>,
+    config: crate::l4::L4Config,
+) -> (Rc<crate::l4::L4Ctx<FakeNet>>, SessionCount) {
     let (tx, rx) = mpsc::unbounded_channel();
     net.peers.borrow_mut().insert("B".into(), tx);
     let (b_handle, mut b_cmds) = NodeHandle::for_test(PeerId("B".into()));
@@ -751,8 +761,8 @@ fn l4_pair(
         runtime.l4.clone(),
         Some(Rc::from("echo")),
     ));
-    let creds = Rc::new(RefCell::new(Some(credentials(&operator(), "B", "hash-echo"))));
-    tokio::task::spawn_local(tunnel::serve_tunnels(rx, b, TcpConnector(app), creds, Duration::from_secs(5)));
+    let creds = Rc::new(RefCell::new(creds));
+    tokio::task::spawn_local(tunnel::serve_tunnels(rx, b, app, creds, Duration::from_secs(5)));
     let (a_handle, mut a_cmds) = NodeHandle::for_test(PeerId("A".into()));
     tokio::task::spawn_local(async move {
         while let Some(cmd) = a_cmds.recv().await {
@@ -816,5 +826,26 @@ fn udp_flows_are_bounded_and_end_when_idle() {
         assert_eq!(begun, 3, "the trial set-up and two flows");
         // ... and a new client address gets a flow again.
         assert_eq!(udp_echo_through(&c3, mapped, b"again").await.as_deref(), Some(&b"again"[..]));
+    });
+}
+
+#[test]
+fn an_l4_session_never_reaches_an_instance_that_fails_the_trust_check() {
+    run(async {
+        let net = FakeNet::default();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = listener.local_addr().unwrap();
+        let connections = Rc::new(Cell::new(0));
+        // Signed by a key that is not an operator's.
+        let rogue = credentials(&SecretKey::from_bytes([9; 32]), "B", "hash-echo");
+        let connector = CountingConnector(app, connections.clone());
+        let (a, sessions) = l4_pair_with(&net, connector, Some(rogue), crate::l4::L4Config::default());
+        let resp = crate::l4::control(&a, &hyper::Method::GET, "/tcp/echo").await;
+        assert_eq!(resp.status(), 502);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains("no trusted instance"), "{body:?}");
+        // Nothing reached the application, and no session began at the impostor.
+        assert_eq!(connections.get(), 0);
+        assert_eq!(sessions.get(), (0, 0));
     });
 }
