@@ -194,7 +194,8 @@ pub enum Command {
     Bench(BenchArgs),
     /// Run the allocator (as the `allocator` binary)
     Allocator(AllocatorCli),
-    /// Run a proxy (as the `proxy` binary)
+    /// Run a proxy (as the `proxy` binary); `l4-proxy` is the same, as the original named it
+    #[command(alias = "l4-proxy")]
     Proxy(ProxyCli),
     /// Run the registry service (as the `registry` binary)
     RegistryService(RegistryCli),
@@ -202,6 +203,15 @@ pub enum Command {
     Bootstrap(BootstrapCli),
     /// Run the demo service (as the `hello` binary)
     Hello(HelloCli),
+    /// Run the TCP demo service: every byte back on its connection
+    TcpEcho(HelloCli),
+    /// Run the UDP demo service: every datagram back to its sender
+    UdpEcho(HelloCli),
+    /// L4 mappings through a proxy
+    L4 {
+        #[command(subcommand)]
+        op: L4Op,
+    },
     /// Make an operator key, or print the public key of one
     Keygen {
         /// Write a new operator key to FILE (mode 0600) and print its public key
@@ -220,6 +230,23 @@ pub enum Command {
         peer: String,
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug, PartialEq, Eq)]
+pub enum L4Op {
+    /// Map a local port to a service, or a chain of services, and print its address:
+    /// `physarum l4 map tcp SERVICE`, `physarum l4 map udp S1 S2`, `physarum l4 map tcp S1 udp S2`
+    Map {
+        /// The proxy's HTTP address
+        #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:4200")]
+        proxy: std::net::SocketAddr,
+        /// Give up after this many seconds (a chain may allocate instances first)
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        timeout: u64,
+        /// `tcp` or `udp`, then services; a protocol word applies to the services after it
+        #[arg(required = true, num_args = 2.., value_name = "PROTO SERVICE")]
+        chain: Vec<String>,
     },
 }
 

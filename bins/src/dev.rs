@@ -209,6 +209,28 @@ pub(crate) fn hello_config(physarum: &Path, image: Option<&str>) -> ServiceConfi
     }
 }
 
+/// The L4 demo services (this executable's subcommands of the same names).
+pub const TCP_ECHO_SERVICE: &str = "tcp-echo";
+pub const UDP_ECHO_SERVICE: &str = "udp-echo";
+
+/// More UDP echo services, for a chain of three hops: each its own service (an
+/// instance is never chosen as the next hop after itself, and an allocator hands out
+/// its running instance of a service rather than starting a second).
+pub const UDP_ECHO_EXTRA: [&str; 2] = ["udp-echo-2", "udp-echo-3"];
+
+/// An L4 demo service's config: this executable's `subcommand`, registered as
+/// `name`. The name is also in its environment, so that services of one program
+/// differ in content hash (each is its own service).
+pub(crate) fn echo_config(physarum: &Path, name: &str, subcommand: &str) -> ServiceConfig {
+    let mut config = hello_config(physarum, None);
+    config.name = Some(name.into());
+    if let Some(exec) = &mut config.exec {
+        exec.args = vec![subcommand.into()];
+        exec.env.insert("PHYSARUM_DEMO_NAME".into(), name.into());
+    }
+    config
+}
+
 /// Register (or refresh) each service `config` in the store, signed by `operator`.
 pub(crate) fn seed_registry(data_dir: &Path, configs: &[ServiceConfig], operator: &SecretKey) -> Result<()> {
     let store = RegistryStore::open(data_dir)?;
@@ -259,7 +281,15 @@ pub async fn run(args: DevArgs) -> Result<()> {
         }
         DriverKind::Process => None,
     };
-    seed_registry(&data_dir, &[hello_config(&exe, image)], &operator)?;
+    let mut services = vec![hello_config(&exe, image)];
+    // The L4 demos run as processes (the demo image holds the HTTP demo only).
+    if args.driver == DriverKind::Process {
+        services.push(echo_config(&exe, TCP_ECHO_SERVICE, TCP_ECHO_SERVICE));
+        for name in std::iter::once(UDP_ECHO_SERVICE).chain(UDP_ECHO_EXTRA) {
+            services.push(echo_config(&exe, name, UDP_ECHO_SERVICE));
+        }
+    }
+    seed_registry(&data_dir, &services, &operator)?;
 
     let mut cluster = Cluster::new(root.clone(), exe, conf.clone());
     let result = run_cluster(&mut cluster, &args, &data_dir, proxy_addr, (&key_path, &operator)).await;
@@ -375,7 +405,13 @@ async fn run_cluster(
     println!("  proxy        http://{proxy_addr}  (anonymous mode)");
     println!("               metrics http://{proxy_metrics}/metrics");
     match args.driver {
-        DriverKind::Process => println!("  service      {HELLO_SERVICE} -> {} hello", c.exe.display()),
+        DriverKind::Process => {
+            println!("  service      {HELLO_SERVICE} -> {} hello", c.exe.display());
+            println!("  service      {TCP_ECHO_SERVICE} -> {} {TCP_ECHO_SERVICE}", c.exe.display());
+            for name in std::iter::once(UDP_ECHO_SERVICE).chain(UDP_ECHO_EXTRA) {
+                println!("  service      {name} -> {} {UDP_ECHO_SERVICE}", c.exe.display());
+            }
+        }
         DriverKind::Docker => println!("  service      {HELLO_SERVICE} -> image {HELLO_IMAGE}"),
     }
     println!("  operator     {operator_public}");
@@ -384,6 +420,9 @@ async fn run_cluster(
     println!();
     println!("Try:");
     println!("  curl {}:{}/{HELLO_SERVICE}/hello", proxy_addr.ip(), proxy_addr.port());
+    if args.driver == DriverKind::Process {
+        println!("  {} l4 map --proxy {proxy_addr} tcp {TCP_ECHO_SERVICE}   # then: nc ADDRESS PORT", c.exe.display());
+    }
     println!();
     println!("Register a service of your own (its program must live in {exec_root}), signed with that key:");
     println!(

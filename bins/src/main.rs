@@ -47,6 +47,22 @@ fn main() -> ExitCode {
             physarum::logging::init();
             physarum::daemon::block_on("hello", daemons::hello::run(cli))
         }
+        Command::TcpEcho(cli) => {
+            physarum::logging::init();
+            physarum::daemon::block_on("tcp-echo", daemons::echo::run_tcp(cli))
+        }
+        Command::UdpEcho(cli) => {
+            physarum::logging::init();
+            physarum::daemon::block_on("udp-echo", daemons::echo::run_udp(cli))
+        }
+        Command::L4 { op: physarum::cli::L4Op::Map { proxy, timeout, chain } } => {
+            physarum::logging::init_with_default("warn");
+            physarum::daemon::block_on("physarum l4", async move {
+                let path = physarum::l4_client::mapping_path(&chain)?;
+                println!("{}", physarum::l4_client::map(proxy, &path, Duration::from_secs(timeout)).await?);
+                Ok(())
+            })
+        }
         Command::Keygen { out, public } => {
             physarum::logging::init_with_default("warn");
             physarum::daemon::block_on("physarum keygen", async move {

@@ -7,9 +7,11 @@
 //! contract is in [`io`].
 
 pub mod allocator;
+pub mod chain;
 pub mod config;
 pub mod dht_policy;
 pub mod io;
+pub mod l4;
 pub mod manager;
 pub mod node;
 pub mod peer_cache;

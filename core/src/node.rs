@@ -79,6 +79,8 @@ pub struct Node {
     advertise_interval: Duration,
     registry_timeout: Duration,
     trust: TrustConfig,
+    /// The configured default requirements (conf.json's `Perf`).
+    defaults: crate::perf::Requirements,
     /// The highest verified entry version seen per name.
     entry_versions: BTreeMap<String, u64>,
     /// Operator-run sidecar: when to certify ourselves again (`None` until the served
@@ -124,6 +126,7 @@ impl Node {
             advertise_interval: config.manager.advertise_interval,
             registry_timeout: config.manager.registry_timeout,
             trust: config.trust,
+            defaults: config.defaults,
             entry_versions: BTreeMap::new(),
             next_self_certify: None,
             rng: ChaCha8Rng::seed_from_u64(rng_seed),
@@ -192,6 +195,13 @@ impl Node {
             t = earliest(t, Some(self.next_role_advertise));
         }
         earliest(t, self.next_self_certify)
+    }
+
+    /// The hard RTT limit clients hold `service`'s instances to: its cached registry
+    /// entry's, else the configured default (`None` when neither sets one).
+    pub fn hard_limit(&self, service: &str) -> Option<Duration> {
+        let own = self.registry_cache.peek(service).map(|info| info.requirements.hard).unwrap_or_default();
+        own.or(self.defaults.hard).rtt
     }
 
     /// The trust settings (operators, clock alignment) the runtime verifies tunnels with.

@@ -147,6 +147,11 @@ impl RegistryCache {
     }
 
     /// Drop what a newer registry write made stale (e.g. after a local delete).
+    /// The cached entry of `name`, if one is held (no freshness check, no refresh).
+    pub fn peek(&self, name: &str) -> Option<&ServiceInfo> {
+        self.cached.get(name).and_then(|c| c.info.as_ref())
+    }
+
     pub fn invalidate(&mut self, name: &str) {
         self.cached.remove(name);
     }

@@ -114,6 +114,84 @@ pub enum TunnelAck {
     Rejected { reason: String },
 }
 
+/// Largest UDP datagram an L4 tunnel carries: the largest payload of an IPv4 UDP
+/// datagram (65535 − 8 bytes UDP header − 20 bytes IP header), as the original.
+pub const MAX_DATAGRAM: usize = 65_507;
+/// Size of a datagram's length prefix on an L4 stream.
+pub const DATAGRAM_PREFIX: usize = 2;
+/// Most services one L4 chain may name (the client's hop included).
+pub const MAX_CHAIN_HOPS: usize = 16;
+
+/// The transport protocol an L4 hop speaks with its application (and the client
+/// with the first hop).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum L4Proto {
+    Tcp,
+    Udp,
+}
+
+impl L4Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            L4Proto::Tcp => "tcp",
+            L4Proto::Udp => "udp",
+        }
+    }
+}
+
+/// One service of an L4 chain and the protocol its instance is reached with.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct L4Hop {
+    pub proto: L4Proto,
+    pub service: String,
+}
+
+/// First frame on an L4 tunnel stream (after the tunnel's hello, ack and trust
+/// check, and the stream's switch from HTTP): this hop speaks `proto` with its
+/// application, and `rest` are the hops after it, which it sets up itself before it
+/// answers with [`L4Ready`]. Then the stream carries raw bytes (`proto` TCP) or
+/// datagrams, each behind a [`DATAGRAM_PREFIX`]-byte length (`proto` UDP).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct L4Open {
+    pub proto: L4Proto,
+    pub rest: Vec<L4Hop>,
+}
+
+/// Which instance one hop of a chain chose for its service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HopChoice {
+    pub service: String,
+    pub instance: crate::types::PeerId,
+}
+
+/// The answer to an [`L4Open`], once the whole rest of the chain is set up.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum L4Ready {
+    /// Data may flow. `hops`: what this hop and each after it chose, in chain order.
+    Ok { hops: Vec<HopChoice> },
+    /// The chain could not be set up: hop `hop` (counted from the answering hop,
+    /// 0) for `service` could not be placed, for `reason`; `status` as HTTP would
+    /// put it (404 for an unknown service, 502 for an unreachable one, …).
+    Failed { hop: u32, service: String, status: u16, reason: String },
+}
+
+/// The length prefix of a datagram of `len` bytes on an L4 stream.
+pub fn datagram_prefix(len: usize) -> Result<[u8; DATAGRAM_PREFIX], WireError> {
+    match u16::try_from(len) {
+        Ok(l) if len <= MAX_DATAGRAM => Ok(l.to_be_bytes()),
+        _ => Err(WireError::DatagramTooLarge { len }),
+    }
+}
+
+/// The length a datagram prefix announces; over [`MAX_DATAGRAM`] is an error.
+pub fn datagram_len(prefix: [u8; DATAGRAM_PREFIX]) -> Result<usize, WireError> {
+    let len = u16::from_be_bytes(prefix) as usize;
+    if len > MAX_DATAGRAM {
+        return Err(WireError::DatagramTooLarge { len });
+    }
+    Ok(len)
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WireError {
     /// The length prefix announces more than [`MAX_FRAME`].
@@ -126,6 +204,8 @@ pub enum WireError {
     Malformed(String),
     /// A message that encodes to more than [`MAX_FRAME`].
     MessageTooLarge { len: usize },
+    /// A datagram over [`MAX_DATAGRAM`] bytes.
+    DatagramTooLarge { len: usize },
 }
 
 impl fmt::Display for WireError {
@@ -141,6 +221,9 @@ impl fmt::Display for WireError {
             WireError::Malformed(e) => write!(f, "malformed message: {e}"),
             WireError::MessageTooLarge { len } => {
                 write!(f, "message of {len} bytes exceeds the maximum frame of {MAX_FRAME}")
+            }
+            WireError::DatagramTooLarge { len } => {
+                write!(f, "datagram of {len} bytes exceeds the maximum of {MAX_DATAGRAM}")
             }
         }
     }
@@ -316,6 +399,28 @@ mod tests {
         ]
     }
 
+    fn arb_hop() -> impl Strategy<Value = L4Hop> {
+        (any::<bool>(), arb_string())
+            .prop_map(|(udp, service)| L4Hop { proto: if udp { L4Proto::Udp } else { L4Proto::Tcp }, service })
+    }
+
+    fn arb_l4_open() -> impl Strategy<Value = L4Open> {
+        (arb_hop(), proptest::collection::vec(arb_hop(), 0..MAX_CHAIN_HOPS))
+            .prop_map(|(first, rest)| L4Open { proto: first.proto, rest })
+    }
+
+    fn arb_l4_ready() -> impl Strategy<Value = L4Ready> {
+        prop_oneof![
+            proptest::collection::vec(
+                (arb_string(), arb_string()).prop_map(|(service, p)| HopChoice { service, instance: PeerId(p) }),
+                0..4
+            )
+            .prop_map(|hops| L4Ready::Ok { hops }),
+            (any::<u32>(), arb_string(), any::<u16>(), arb_string())
+                .prop_map(|(hop, service, status, reason)| L4Ready::Failed { hop, service, status, reason }),
+        ]
+    }
+
     /// encode → decode is the identity, consumes exactly the frame (also when more
     /// bytes follow it), and every strict prefix of the frame asks for more bytes.
     fn check_roundtrip<T: Serialize + DeserializeOwned + Clone + PartialEq + Debug>(
@@ -350,6 +455,8 @@ mod tests {
         one::<Envelope>(bytes);
         one::<TunnelHello>(bytes);
         one::<TunnelAck>(bytes);
+        one::<L4Open>(bytes);
+        one::<L4Ready>(bytes);
     }
 
     /// A frame around `body` (version byte included in `body`).
@@ -383,6 +490,35 @@ mod tests {
         #[test]
         fn tunnel_ack_roundtrips(msg in arb_ack(), tail in proptest::collection::vec(any::<u8>(), 0..16)) {
             check_roundtrip(&msg, &tail)?;
+        }
+
+        #[test]
+        fn l4_open_roundtrips(msg in arb_l4_open(), tail in proptest::collection::vec(any::<u8>(), 0..16)) {
+            check_roundtrip(&msg, &tail)?;
+        }
+
+        #[test]
+        fn l4_ready_roundtrips(msg in arb_l4_ready(), tail in proptest::collection::vec(any::<u8>(), 0..16)) {
+            check_roundtrip(&msg, &tail)?;
+        }
+
+        /// Every datagram length up to the maximum has a prefix that reads back as
+        /// itself; every longer one is refused on both sides.
+        #[test]
+        fn datagram_prefixes_roundtrip_within_the_maximum(len in 0usize..=u16::MAX as usize + 10) {
+            match datagram_prefix(len) {
+                Ok(prefix) => {
+                    prop_assert!(len <= MAX_DATAGRAM);
+                    prop_assert_eq!(datagram_len(prefix), Ok(len));
+                }
+                Err(e) => {
+                    prop_assert!(len > MAX_DATAGRAM);
+                    prop_assert_eq!(e, WireError::DatagramTooLarge { len });
+                }
+            }
+            if let Ok(l) = u16::try_from(len) {
+                prop_assert_eq!(datagram_len(l.to_be_bytes()).is_ok(), len <= MAX_DATAGRAM);
+            }
         }
 
         #[test]

@@ -1,7 +1,9 @@
 //! Wire frames: every top-level message type is decoded from the same untrusted
 //! bytes, both as a stream (`decode`) and as a frame body (`decode_body`).
 
-use physarum_core::wire::{self, Envelope, Request, Response, TunnelAck, TunnelHello, LEN_PREFIX, MAX_FRAME};
+use physarum_core::wire::{
+    self, Envelope, L4Open, L4Ready, Request, Response, TunnelAck, TunnelHello, LEN_PREFIX, MAX_FRAME,
+};
 use physarum_net_sim::dht::DhtMsg;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -15,6 +17,8 @@ pub fn check_all(bytes: &[u8]) {
     check::<Envelope>(bytes);
     check::<TunnelHello>(bytes);
     check::<TunnelAck>(bytes);
+    check::<L4Open>(bytes);
+    check::<L4Ready>(bytes);
     check::<DhtMsg>(bytes);
 }
 

@@ -3,6 +3,7 @@
 //! ways, or answered with the core's status and a plain-text reason.
 
 use crate::http::{strip_for_forwarding, text_response, ProxyBody, RequestBody};
+use crate::l4::{self, L4Ctx};
 use crate::limits::Limits;
 use crate::node_loop::NodeHandle;
 use crate::transport::{Listener, Observer, Transport};
@@ -11,7 +12,7 @@ use hyper::body::{Body as _, Incoming};
 use hyper::http::uri::{InvalidUri, PathAndQuery};
 use hyper::{Request, Response, Uri};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use physarum_core::io::{Input, Outcome};
+use physarum_core::io::Outcome;
 use physarum_core::resilience::{is_idempotent, IDEMPOTENT_HEADER};
 use physarum_core::types::{ContentHash, PeerAddr};
 use std::convert::Infallible;
@@ -23,6 +24,7 @@ const MAX_UNTRUSTED_PER_REQUEST: usize = 4;
 
 pub(crate) struct FrontCtx<T: Transport> {
     pub handle: NodeHandle,
+    pub l4: Rc<L4Ctx<T>>,
     pub pool: Rc<TunnelPool<T>>,
     pub observer: Rc<dyn Observer>,
     pub request_deadline: Duration,
@@ -86,6 +88,11 @@ async fn route<T: Transport>(ctx: &FrontCtx<T>, req: Request<Incoming>) -> (Stri
     let Some((service, rest)) = split_path(req.uri().path()) else {
         return (String::new(), text_response(400, "no service in the path: use /<service>/<path>"));
     };
+    // `GET /tcp/…` and `GET /udp/…` ask for L4 mappings (as the original's proxy).
+    if matches!(service, "tcp" | "udp") {
+        let path = req.uri().path().to_string();
+        return (service.to_string(), l4::control(&ctx.l4, req.method(), &path).await);
+    }
     let service = service.to_string();
     // One deadline covers deciding and forwarding, up to the response head.
     let deadline = tokio::time::Instant::now() + ctx.request_deadline;
@@ -131,13 +138,13 @@ async fn forward_with_retry<T: Transport>(
     let mut untrusted_left = MAX_UNTRUSTED_PER_REQUEST;
     loop {
         let retry = failed.is_some();
-        let (instance, hash, try_timeout) = match decide(ctx, service, deadline, retry).await {
+        let Route { instance, hash, try_timeout } = match decide(&ctx.handle, service, deadline, retry).await {
             Ok(route) => route,
-            Err(resp) => {
+            Err((status, reason)) => {
                 return match failed {
                     // The retry could not be routed: answer with the first failure.
                     Some((first, _)) => first,
-                    None => resp,
+                    None => text_response(status, reason),
                 };
             }
         };
@@ -160,33 +167,27 @@ async fn forward_with_retry<T: Transport>(
         // wait for the response head by the try's timeout. The stream is dropped with
         // the future, so it never returns to the pool.
         let try_until = deadline.min(tokio::time::Instant::now() + try_timeout);
-        let (status, reason, unsent) = match tokio::time::timeout_at(
-            try_until,
-            ctx.pool.send(&instance, service, &hash, req),
-        )
-        .await
-        {
-            Ok(Ok(resp)) => return resp.map(|b| b.hold(stream_place)),
-            Ok(Err(SendFailure { reason, unsent: Some(back), untrusted: true })) => {
-                tracing::warn!(%service, peer = %instance.peer, %reason, "instance failed the trust check; not routing to it");
-                ctx.handle.feed(Input::Untrusted {
-                    service: hash,
-                    peer: instance.peer.clone(),
-                    reason: reason.clone(),
-                });
-                untrusted_left -= 1;
-                if untrusted_left == 0 {
-                    return text_response(502, format!("no trusted instance of {service}: {} {reason}", instance.peer));
+        let (status, reason, unsent) =
+            match tokio::time::timeout_at(try_until, ctx.pool.send(&instance, service, &hash, req)).await {
+                Ok(Ok(resp)) => return resp.map(|b| b.hold(stream_place)),
+                Ok(Err(SendFailure { reason, unsent: Some(back), untrusted: true })) => {
+                    ctx.handle.untrusted(service, hash, &instance.peer, &reason);
+                    untrusted_left -= 1;
+                    if untrusted_left == 0 {
+                        return text_response(
+                            502,
+                            format!("no trusted instance of {service}: {} {reason}", instance.peer),
+                        );
+                    }
+                    req = back;
+                    continue;
                 }
-                req = back;
-                continue;
-            }
-            Ok(Err(SendFailure { reason, unsent, .. })) => (502, reason, unsent),
-            Err(_) if try_until < deadline => {
-                (504, format!("no response head within the try timeout ({try_timeout:?})"), None)
-            }
-            Err(_) => (504, "no response within the request deadline".to_string(), None),
-        };
+                Ok(Err(SendFailure { reason, unsent, .. })) => (502, reason, unsent),
+                Err(_) if try_until < deadline => {
+                    (504, format!("no response head within the try timeout ({try_timeout:?})"), None)
+                }
+                Err(_) => (504, "no response within the request deadline".to_string(), None),
+            };
         drop(stream_place);
         ctx.handle.route_failed(hash, instance.peer.clone(), reason.clone());
         let msg = format!("instance {} of {service} failed: {reason}", instance.peer);
@@ -211,29 +212,37 @@ fn rebuild(head: &Request<()>) -> Request<RequestBody> {
     req
 }
 
+/// Where the core routes a request: the instance, the service's hash, and the
+/// timeout of one try.
+pub(crate) struct Route {
+    pub instance: PeerAddr,
+    pub hash: ContentHash,
+    pub try_timeout: Duration,
+}
+
 /// Ask the core where `service`'s request goes (`retry`: after a failed try),
-/// within what is left of `deadline`: the instance, the service's hash and the
-/// try's timeout, or the response to give the client.
-async fn decide<T: Transport>(
-    ctx: &FrontCtx<T>,
+/// within what is left of `deadline`: the route, or the status and reason to give
+/// the client.
+pub(crate) async fn decide(
+    handle: &NodeHandle,
     service: &str,
     deadline: tokio::time::Instant,
     retry: bool,
-) -> Result<(PeerAddr, ContentHash, Duration), Response<ProxyBody>> {
+) -> Result<Route, (u16, String)> {
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
     let asked = async {
         match retry {
-            false => ctx.handle.request(service.to_string(), left).await,
-            true => ctx.handle.retry(service.to_string(), left).await,
+            false => handle.request(service.to_string(), left).await,
+            true => handle.retry(service.to_string(), left).await,
         }
     };
     // The core answers by the deadline; the extra second only guards against a bug.
     let outcome = tokio::time::timeout(left + Duration::from_secs(1), asked).await;
     match outcome {
-        Ok(Some(Outcome::Route { instance, service: hash, try_timeout })) => Ok((instance, hash, try_timeout)),
-        Ok(Some(Outcome::Fail { status, reason })) => Err(text_response(status, reason)),
-        Ok(None) => Err(text_response(503, "the node is shutting down")),
-        Err(_) => Err(text_response(504, "no decision within the request deadline")),
+        Ok(Some(Outcome::Route { instance, service: hash, try_timeout })) => Ok(Route { instance, hash, try_timeout }),
+        Ok(Some(Outcome::Fail { status, reason })) => Err((status, reason)),
+        Ok(None) => Err((503, "the node is shutting down".into())),
+        Err(_) => Err((504, "no decision within the request deadline".into())),
     }
 }
 

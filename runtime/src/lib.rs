@@ -34,12 +34,16 @@
 mod app_check;
 mod front;
 pub mod http;
+pub mod l4;
 mod limits;
+mod link;
 pub mod node_loop;
+mod relay;
 pub mod transport;
 pub mod tunnel;
 
 pub use front::{forward_path, split_path};
+pub use l4::L4Config;
 pub use node_loop::{NodeHandle, NodeRuntime, Running, RuntimeConfig, ServingRequest};
 pub use transport::{
     inbound_channel, ByteStream, Connector, ExitSink, Inbound, InboundRequest, InboundSenders, InboundTunnel,

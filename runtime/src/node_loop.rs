@@ -16,6 +16,7 @@
 
 use crate::app_check;
 use crate::front;
+use crate::l4::{L4Config, L4Ctx};
 use crate::limits::Limits;
 use crate::transport::{
     AdoptedInstance, Connector, ExitSink, Inbound, InboundRequest, InstanceDriver, Listener, NetEvent, NoApp, NoDriver,
@@ -70,6 +71,8 @@ pub struct RuntimeConfig {
     pub queue_wait: Duration,
     /// The `Retry-After` sent with a 503 for overload.
     pub retry_after: Duration,
+    /// L4 mappings and chains (`GET /tcp/…`, `GET /udp/…`).
+    pub l4: L4Config,
     /// Service mode: how often the sidecar checks that its application answers ...
     pub app_check_interval: Duration,
     /// ... and how long the application has to answer.
@@ -92,6 +95,7 @@ impl Default for RuntimeConfig {
             retry_after: Duration::from_secs(1),
             app_check_interval: Duration::from_secs(1),
             app_check_timeout: Duration::from_secs(1),
+            l4: L4Config::default(),
         }
     }
 }
@@ -109,6 +113,10 @@ pub(crate) enum Command {
 trait CoreLink {
     fn http(&self, service: String, deadline: Duration, retry: bool) -> Option<oneshot::Receiver<Outcome>>;
     fn feed(&self, input: Input);
+    /// The hard RTT limit of `service`, when the core knows one.
+    fn hard_limit(&self, _service: &str) -> Option<Duration> {
+        None
+    }
 }
 
 /// Commands to a fake core (tests).
@@ -161,6 +169,13 @@ impl NodeHandle {
         self.feed(Input::RouteFailed { service, peer, reason });
     }
 
+    /// An instance of `service` failed the trust check before anything was sent to
+    /// it: say so, and have the core ban it.
+    pub fn untrusted(&self, service: &str, hash: ContentHash, peer: &PeerId, reason: &str) {
+        tracing::warn!(%service, %peer, %reason, "instance failed the trust check; not routing to it");
+        self.feed(Input::Untrusted { service: hash, peer: peer.clone(), reason: reason.to_string() });
+    }
+
     /// Service mode: a tunnelled request begins; it ends when the guard is dropped.
     pub fn serving_request(&self) -> ServingRequest {
         self.feed(Input::TunnelServed);
@@ -185,6 +200,12 @@ impl NodeHandle {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.in_flight() == 0
+    }
+
+    /// The hard RTT limit clients hold `service`'s instances to (its registry entry's,
+    /// else the configured default), when known.
+    pub fn hard_limit(&self, service: &str) -> Option<Duration> {
+        self.core.hard_limit(service)
     }
 
     /// Route a request again after its try failed (the core checks its retry budget).
@@ -342,19 +363,25 @@ impl<T: Transport, D: InstanceDriver, C: Connector> NodeRuntime<T, D, C> {
             );
             tasks.push(tokio::task::spawn_local(check));
         }
+        let limits = Rc::new(Limits::new(&self.config));
+        let l4 = Rc::new(L4Ctx::new(
+            handle.clone(),
+            pool.clone(),
+            limits.clone(),
+            self.config.l4.clone(),
+            serve.map(Rc::from),
+        ));
         let tunnel_task = tokio::task::spawn_local(tunnel::serve_tunnels(
             tunnels,
-            serve,
+            l4.clone(),
             self.app,
-            handle.clone(),
             credentials,
             self.config.tunnel_hello_timeout,
         ));
         let loop_task = tokio::task::spawn_local(run_loop(shared, cmd_rx, ops_rx, local_rx, exit_rx, requests, events));
-        let limits = Rc::new(Limits::new(&self.config));
         // The loop task stays second: `Running::stopped` waits on it.
         tasks.splice(0..0, [tunnel_task, loop_task]);
-        Running { handle, pool, limits, observer: self.observer, config: self.config, tasks }
+        Running { handle, pool, limits, l4, observer: self.observer, config: self.config, tasks }
     }
 }
 
@@ -364,6 +391,7 @@ pub struct Running<T: Transport> {
     handle: NodeHandle,
     pool: Rc<TunnelPool<T>>,
     limits: Rc<Limits>,
+    l4: Rc<L4Ctx<T>>,
     observer: Rc<dyn Observer>,
     config: RuntimeConfig,
     tasks: Vec<JoinHandle<()>>,
@@ -379,6 +407,7 @@ impl<T: Transport> Running<T> {
     pub fn serve_http<L: Listener>(&mut self, listener: L) {
         let ctx = Rc::new(front::FrontCtx {
             handle: self.handle.clone(),
+            l4: self.l4.clone(),
             pool: self.pool.clone(),
             observer: self.observer.clone(),
             request_deadline: self.config.request_deadline,
@@ -406,6 +435,7 @@ impl<T: Transport> Drop for Running<T> {
         for t in &self.tasks {
             t.abort();
         }
+        self.l4.close_all();
     }
 }
 
@@ -583,6 +613,10 @@ impl<T: Transport, D: InstanceDriver> CoreLink for LoopShared<T, D> {
             Err(_) => self.deferred.send(Command::Http { service, deadline, reply, retry }).ok()?,
         }
         Some(rx)
+    }
+
+    fn hard_limit(&self, service: &str) -> Option<Duration> {
+        self.state.try_borrow().ok()?.node.hard_limit(service)
     }
 
     fn feed(&self, input: Input) {

@@ -158,14 +158,10 @@ fn serve_as<C: crate::transport::Connector>(
     let (handle, mut cmds) = NodeHandle::for_test(PeerId(peer.into()));
     tokio::task::spawn_local(async move { while cmds.recv().await.is_some() {} });
     let cell = Rc::new(RefCell::new(creds));
-    tokio::task::spawn_local(tunnel::serve_tunnels(
-        rx,
-        Some(service.into()),
-        app,
-        handle,
-        cell,
-        Duration::from_secs(5),
-    ));
+    let config = RuntimeConfig::default();
+    let limits = Rc::new(crate::limits::Limits::new(&config));
+    let l4 = Rc::new(crate::l4::L4Ctx::new(handle, new_pool(net), limits, config.l4, Some(Rc::from(service))));
+    tokio::task::spawn_local(tunnel::serve_tunnels(rx, l4, app, cell, Duration::from_secs(5)));
 }
 
 /// Instance proxy "B" on `net`: serves `hello` by forwarding to the app at `app`.
@@ -265,12 +261,16 @@ async fn harness() -> Harness {
         }
     });
     let pool = new_pool(&net);
+    let config = RuntimeConfig::default();
+    let limits = Rc::new(crate::limits::Limits::new(&config));
+    let l4 = Rc::new(crate::l4::L4Ctx::new(a_handle.clone(), pool.clone(), limits.clone(), config.l4, None));
     let ctx = Rc::new(FrontCtx {
         handle: a_handle,
+        l4,
         pool: pool.clone(),
         observer: Rc::new(()),
         request_deadline: Duration::from_secs(5),
-        limits: Rc::new(crate::limits::Limits::new(&RuntimeConfig::default())),
+        limits,
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let front = listener.local_addr().unwrap();
@@ -702,4 +702,150 @@ fn measure_chain_verification() {
     }
     took.sort();
     println!("chain verification: p50 {:?}, p99 {:?} ({n} runs)", took[n / 2], took[n * 99 / 100]);
+}
+
+/// A UDP echo on loopback (the application of an L4 sidecar).
+async fn start_udp_echo() -> SocketAddr {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::task::spawn_local(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let _ = socket.send_to(&buf[..n], from).await;
+        }
+    });
+    addr
+}
+
+/// L4 sessions a sidecar began and ended.
+type SessionCount = Rc<Cell<(usize, usize)>>;
+
+/// Sidecar "B" serving `echo` (UDP at `app`) and a client L4 context on "A" routed
+/// to it; B's sessions (begun, ended) are counted.
+fn l4_pair(
+    net: &FakeNet,
+    app: SocketAddr,
+    config: crate::l4::L4Config,
+) -> (Rc<crate::l4::L4Ctx<FakeNet>>, SessionCount) {
+    l4_pair_with(net, TcpConnector(app), Some(credentials(&operator(), "B", "hash-echo")), config)
+}
+
+/// As [`l4_pair`], with any connector and the credentials B shows.
+fn l4_pair_with<C: crate::transport::Connector>(
+    net: &FakeNet,
+    app: C,
+    creds: Option<Credentials>,
+    config: crate::l4::L4Config,
+) -> (Rc<crate::l4::L4Ctx<FakeNet>>, SessionCount) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    net.peers.borrow_mut().insert("B".into(), tx);
+    let (b_handle, mut b_cmds) = NodeHandle::for_test(PeerId("B".into()));
+    let sessions = Rc::new(Cell::new((0, 0)));
+    let counted = sessions.clone();
+    tokio::task::spawn_local(async move {
+        while let Some(cmd) = b_cmds.recv().await {
+            let (begun, ended) = counted.get();
+            match cmd {
+                Command::Input(Input::TunnelServed) => counted.set((begun + 1, ended)),
+                Command::Input(Input::TunnelDone) => counted.set((begun, ended + 1)),
+                _ => {}
+            }
+        }
+    });
+    let runtime = RuntimeConfig::default();
+    let limits = Rc::new(crate::limits::Limits::new(&runtime));
+    let b = Rc::new(crate::l4::L4Ctx::new(
+        b_handle,
+        new_pool(net),
+        limits.clone(),
+        runtime.l4.clone(),
+        Some(Rc::from("echo")),
+    ));
+    let creds = Rc::new(RefCell::new(creds));
+    tokio::task::spawn_local(tunnel::serve_tunnels(rx, b, app, creds, Duration::from_secs(5)));
+    let (a_handle, mut a_cmds) = NodeHandle::for_test(PeerId("A".into()));
+    tokio::task::spawn_local(async move {
+        while let Some(cmd) = a_cmds.recv().await {
+            if let Command::Http { reply, .. } = cmd {
+                let _ = reply.send(Outcome::Route {
+                    instance: PeerAddr::new("B", vec![]),
+                    service: ContentHash("hash-echo".into()),
+                    try_timeout: Duration::from_secs(10),
+                });
+            }
+        }
+    });
+    let a = Rc::new(crate::l4::L4Ctx::new(a_handle, new_pool(net), limits, config, None));
+    (a, sessions)
+}
+
+async fn udp_map(ctx: &Rc<crate::l4::L4Ctx<FakeNet>>) -> SocketAddr {
+    let resp = crate::l4::control(ctx, &hyper::Method::GET, "/udp/echo").await;
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&body).trim().parse().unwrap()
+}
+
+async fn udp_echo_through(socket: &tokio::net::UdpSocket, to: SocketAddr, msg: &[u8]) -> Option<Vec<u8>> {
+    socket.send_to(msg, to).await.unwrap();
+    let mut buf = vec![0u8; 65536];
+    let got = tokio::time::timeout(Duration::from_secs(2), socket.recv_from(&mut buf)).await.ok()?.ok()?;
+    Some(buf[..got.0].to_vec())
+}
+
+#[test]
+fn udp_flows_are_bounded_and_end_when_idle() {
+    run(async {
+        let net = FakeNet::default();
+        let app = start_udp_echo().await;
+        let config = crate::l4::L4Config {
+            max_udp_flows: 2,
+            udp_flow_idle: Duration::from_millis(300),
+            ..crate::l4::L4Config::default()
+        };
+        let (a, sessions) = l4_pair(&net, app, config);
+        let mapped = udp_map(&a).await;
+        // The mapping's own trial set-up came and went.
+        let c1 = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let c2 = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let c3 = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        assert_eq!(udp_echo_through(&c1, mapped, b"one").await.as_deref(), Some(&b"one"[..]));
+        assert_eq!(udp_echo_through(&c2, mapped, b"two").await.as_deref(), Some(&b"two"[..]));
+        // A third client address while two flows live: its datagrams are dropped.
+        c3.send_to(b"three", mapped).await.unwrap();
+        let mut buf = [0u8; 16];
+        let third = tokio::time::timeout(Duration::from_millis(200), c3.recv_from(&mut buf)).await;
+        assert!(third.is_err(), "a flow past the bound was carried");
+        // Idle past the limit, both flows end (their sessions at B with them) ...
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while sessions.get().0 != sessions.get().1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (begun, ended) = sessions.get();
+        assert_eq!(begun, ended, "sessions still open after the idle limit: {begun} begun, {ended} ended");
+        assert_eq!(begun, 3, "the trial set-up and two flows");
+        // ... and a new client address gets a flow again.
+        assert_eq!(udp_echo_through(&c3, mapped, b"again").await.as_deref(), Some(&b"again"[..]));
+    });
+}
+
+#[test]
+fn an_l4_session_never_reaches_an_instance_that_fails_the_trust_check() {
+    run(async {
+        let net = FakeNet::default();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = listener.local_addr().unwrap();
+        let connections = Rc::new(Cell::new(0));
+        // Signed by a key that is not an operator's.
+        let rogue = credentials(&SecretKey::from_bytes([9; 32]), "B", "hash-echo");
+        let connector = CountingConnector(app, connections.clone());
+        let (a, sessions) = l4_pair_with(&net, connector, Some(rogue), crate::l4::L4Config::default());
+        let resp = crate::l4::control(&a, &hyper::Method::GET, "/tcp/echo").await;
+        assert_eq!(resp.status(), 502);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains("no trusted instance"), "{body:?}");
+        // Nothing reached the application, and no session began at the impostor.
+        assert_eq!(connections.get(), 0);
+        assert_eq!(sessions.get(), (0, 0));
+    });
 }

@@ -123,6 +123,10 @@ pub trait Connector: Clone + 'static {
     type Conn: ByteStream;
     /// A new connection to the application.
     async fn connect(&self) -> io::Result<Self::Conn>;
+    /// Where the application takes UDP datagrams (L4 mappings), if anywhere.
+    fn udp_target(&self) -> Option<SocketAddr> {
+        None
+    }
 }
 
 /// Connects to the application over TCP at a fixed address (production).
@@ -135,6 +139,10 @@ impl Connector for TcpConnector {
         let s = tokio::net::TcpStream::connect(self.0).await?;
         let _ = s.set_nodelay(true);
         Ok(s)
+    }
+    /// The same address as for TCP.
+    fn udp_target(&self) -> Option<SocketAddr> {
+        Some(self.0)
     }
 }
 

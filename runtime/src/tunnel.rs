@@ -22,7 +22,8 @@
 use crate::http::{
     read_frame, strip_for_forwarding, strip_hop_by_hop, text_response, write_frame, ProxyBody, RequestBody,
 };
-use crate::node_loop::{core_now, NodeHandle, RuntimeConfig};
+use crate::l4::L4Ctx;
+use crate::node_loop::{core_now, RuntimeConfig};
 use crate::transport::{ByteStream, Connector, InboundTunnel, Transport};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self as client1, SendRequest};
@@ -33,8 +34,11 @@ use physarum_core::types::{ContentHash, PeerAddr, PeerId};
 use physarum_core::wire::{TunnelAck, TunnelHello};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 
 type Key = (PeerId, String);
@@ -57,7 +61,7 @@ pub struct SendFailure {
 pub(crate) type CredentialsCell = Rc<RefCell<Option<Credentials>>>;
 
 /// Why opening a tunnel failed.
-enum OpenFailure {
+pub(crate) enum OpenFailure {
     Unreachable(String),
     Untrusted(String),
 }
@@ -104,6 +108,11 @@ impl<T: Transport> TunnelPool<T> {
             .map_err(|e| OpenFailure::Untrusted(e.to_string()))
     }
 
+    /// The network the pool opens streams on.
+    pub(crate) fn transport(&self) -> &T {
+        &self.transport
+    }
+
     /// Idle streams currently pooled for `peer` and `service` (for tests and metrics).
     pub fn idle_count(&self, peer: &PeerId, service: &str) -> usize {
         self.idle.borrow().get(&(peer.clone(), service.to_string())).map_or(0, Vec::len)
@@ -141,13 +150,13 @@ impl<T: Transport> TunnelPool<T> {
     }
 
     /// Open a fresh stream to `peer` for `service`: open, hello, ack (with the
-    /// instance's credentials checked), HTTP/1 handshake.
-    async fn open(
+    /// instance's credentials checked). HTTP or an L4 session follows on it.
+    pub(crate) async fn open_verified(
         &self,
         peer: &PeerAddr,
         service: &str,
         hash: &ContentHash,
-    ) -> Result<SendRequest<RequestBody>, OpenFailure> {
+    ) -> Result<T::Stream, OpenFailure> {
         let fut = async {
             let unreachable = OpenFailure::Unreachable;
             let mut stream = self.transport.open_tunnel(peer.clone()).await.map_err(unreachable)?;
@@ -157,12 +166,23 @@ impl<T: Transport> TunnelPool<T> {
             let ack =
                 read_frame::<_, TunnelAck>(&mut stream).await.map_err(|e| unreachable(format!("tunnel ack: {e}")))?;
             self.check_ack(ack, &peer.peer, hash)?;
-            http1_client(stream, "tunnel").await.map_err(|e| unreachable(format!("tunnel handshake: {e}")))
+            Ok(stream)
         };
         match tokio::time::timeout(self.open_timeout, fut).await {
             Ok(r) => r,
             Err(_) => Err(OpenFailure::Unreachable("timed out opening a tunnel".into())),
         }
+    }
+
+    /// A fresh HTTP/1 stream to `peer` for `service` (see [`TunnelPool::open_verified`]).
+    async fn open(
+        &self,
+        peer: &PeerAddr,
+        service: &str,
+        hash: &ContentHash,
+    ) -> Result<SendRequest<RequestBody>, OpenFailure> {
+        let stream = self.open_verified(peer, service, hash).await?;
+        http1_client(stream, "tunnel").await.map_err(|e| OpenFailure::Unreachable(format!("tunnel handshake: {e}")))
     }
 
     /// Send `req` (origin-form URI, hop-by-hop headers already removed) to `peer`'s
@@ -237,38 +257,37 @@ impl<T: Transport> TunnelPool<T> {
     }
 }
 
-/// Service side: accept tunnel streams and serve them. `serve` is the service this
-/// node serves (service mode), `None` for nodes that serve nothing (hellos rejected).
-pub(crate) async fn serve_tunnels<S: ByteStream, C: Connector>(
-    mut tunnels: mpsc::UnboundedReceiver<InboundTunnel<S>>,
-    serve: Option<String>,
+/// Service side: accept tunnel streams and serve them. `l4.serve` is the service
+/// this node serves (service mode), `None` for nodes that serve nothing (hellos
+/// rejected).
+pub(crate) async fn serve_tunnels<T: Transport, C: Connector>(
+    mut tunnels: mpsc::UnboundedReceiver<InboundTunnel<T::Stream>>,
+    l4: Rc<L4Ctx<T>>,
     app: C,
-    node: NodeHandle,
     credentials: CredentialsCell,
     hello_timeout: Duration,
 ) {
-    let serve: Option<Rc<str>> = serve.map(Rc::from);
     while let Some(InboundTunnel { from, stream }) = tunnels.recv().await {
-        let serve = serve.clone();
+        let l4 = l4.clone();
         let app = app.clone();
-        let node = node.clone();
         let credentials = credentials.borrow().clone();
         tokio::task::spawn_local(async move {
-            if let Err(e) = serve_one(stream, serve, app, node, credentials, hello_timeout).await {
+            if let Err(e) = serve_one(stream, l4, app, credentials, hello_timeout).await {
                 tracing::debug!(%from, "tunnel stream ended: {e}");
             }
         });
     }
 }
 
-async fn serve_one<S: ByteStream, C: Connector>(
-    mut stream: S,
-    serve: Option<Rc<str>>,
+async fn serve_one<T: Transport, C: Connector>(
+    mut stream: T::Stream,
+    l4: Rc<L4Ctx<T>>,
     app: C,
-    node: NodeHandle,
     credentials: Option<Credentials>,
     hello_timeout: Duration,
 ) -> Result<(), String> {
+    let serve = l4.serve.clone();
+    let node = l4.handle.clone();
     let hello: TunnelHello = tokio::time::timeout(hello_timeout, read_frame(&mut stream))
         .await
         .map_err(|_| "no hello in time".to_string())?
@@ -282,6 +301,17 @@ async fn serve_one<S: ByteStream, C: Connector>(
     write_frame(&mut stream, &ack).await.map_err(|e| format!("ack: {e}"))?;
     if !accepted {
         return Ok(());
+    }
+    // HTTP or an L4 session follows. An L4 session starts with a wire frame, whose
+    // length prefix begins with a zero byte (frames are at most 1 MiB); no HTTP
+    // request does.
+    let mut first = [0u8; 1];
+    if stream.read(&mut first).await.map_err(|e| format!("reading: {e}"))? == 0 {
+        return Ok(());
+    }
+    let stream = Replayed { first: Some(first[0]), inner: stream };
+    if first[0] == 0 {
+        return crate::l4::serve_hop(l4, app, stream, hello_timeout).await;
     }
     let upstream = Rc::new(AppLink { app, conn: RefCell::new(None) });
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -300,6 +330,49 @@ async fn serve_one<S: ByteStream, C: Connector>(
         .serve_connection(TokioIo::new(stream), svc)
         .await
         .map_err(|e| format!("serving: {e}"))
+}
+
+const _: () = assert!(physarum_core::wire::MAX_FRAME < 1 << 24, "a frame's first byte must be 0");
+
+/// A stream with one byte already read from it given back in front.
+struct Replayed<S> {
+    first: Option<u8>,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Replayed<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if let Some(b) = self.first {
+            if buf.remaining() > 0 {
+                buf.put_slice(&[b]);
+                self.first = None;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replayed<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }
 
 /// One tunnel stream's keep-alive connection to the application.

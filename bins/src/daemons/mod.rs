@@ -4,6 +4,7 @@
 
 pub mod allocator;
 pub mod bootstrap;
+pub mod echo;
 pub mod hello;
 pub mod proxy;
 pub mod registry;

@@ -55,13 +55,10 @@ pub async fn run(cli: ProxyCli) -> Result<()> {
     node.registry_cache.ttl = Duration::from_secs(cli.rcache_ttl);
     node.serve = cli.service.clone();
     let http = SocketAddr::new(cli.bind, cli.port);
-    let opts = NodeOptions {
-        node,
-        seed: daemon::seed(),
-        runtime: RuntimeConfig::default(),
-        http: Some(http),
-        app: cli.address,
-    };
+    let mut runtime = RuntimeConfig::default();
+    // L4 mappings listen where the HTTP port does.
+    runtime.l4.bind = cli.bind;
+    let opts = NodeOptions { node, seed: daemon::seed(), runtime, http: Some(http), app: cli.address };
     tracing::info!("Launching proxy PeerCache instance");
     prepared.log_perf();
     let metrics = Arc::new(Metrics::new());
