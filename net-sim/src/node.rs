@@ -4,7 +4,7 @@
 
 use crate::app::{self, ClientResult};
 use crate::dht::{self, AbortOnDrop, ServerConfig};
-use crate::scenario::{Defect, Role, Scenario};
+use crate::scenario::{AllocatorSpec, Defect, Role, Scenario};
 use crate::trace::{sim_now, Kind, Trace};
 use crate::transport::{Endpoint, EndpointConfig, LossModel, SimConnector, SimListener, SimTransport};
 use physarum_core::config::{AllocatorConfig, Defects, NodeConfig};
@@ -218,6 +218,17 @@ impl Ctx {
     }
 
     /// The deliberate defects the scenario switches on.
+    /// An allocator's configuration: its spec in the scenario, the scenario's defects.
+    pub(crate) fn allocator_config(&self, spec: &AllocatorSpec) -> AllocatorConfig {
+        AllocatorConfig {
+            max_instances: spec.max_instances,
+            cull_interval: Duration::from_millis(spec.cull_interval_ms),
+            idle_limit: Duration::from_millis(spec.idle_limit_ms),
+            defects: self.defects(),
+            ..AllocatorConfig::default()
+        }
+    }
+
     fn defects(&self) -> Defects {
         let mut d = Defects::default();
         for defect in &self.scenario.tuning.defects {
@@ -316,13 +327,7 @@ pub async fn host_main(ctx: Rc<Ctx>, name: String) -> turmoil::Result {
             start_node(&ctx, config, ep, physarum_runtime::NoDriver, None).await?
         }
         Role::Allocator(spec) => {
-            config.allocator = Some(AllocatorConfig {
-                max_instances: spec.max_instances,
-                cull_interval: Duration::from_millis(spec.cull_interval_ms),
-                idle_limit: Duration::from_millis(spec.idle_limit_ms),
-                defects: ctx.defects(),
-                ..AllocatorConfig::default()
-            });
+            config.allocator = Some(ctx.allocator_config(spec));
             let key = ctx.key(&name);
             let grant = Grant::sign(peer.clone(), key.public(), &ctx.key("operator"));
             config.trust.issuer = Some(Issuer::allocator(key, grant).map_err(|e| e.to_string())?);
