@@ -20,11 +20,13 @@
 pub mod key;
 pub mod lookup;
 pub mod store;
+pub mod sync;
 pub mod table;
 
 pub use key::{Distance, Key};
 pub use lookup::{Lookup, LookupStep};
 pub use store::ProviderStore;
+pub use sync::{LookupResult, SyncCluster};
 pub use table::RoutingTable;
 
 use physarum_core::types::{DhtKey, PeerAddr, PeerId};
