@@ -1263,7 +1263,7 @@ impl World {
                     let me = self.peers[ix].addr.clone();
                     // The record goes on the k closest that answered; ourselves too if we are among them.
                     let expires = now.as_micros() + self.record_ttl_us();
-                    self.peers[ix].kad.store.put(key, me.peer.clone(), expires);
+                    self.peers[ix].kad.store.put(key, me.peer.clone(), now.as_micros(), expires);
                     for c in closest {
                         if let Some(to) = self.peer_at(&c) {
                             let rpc = Rpc::AddProvider { key, provider: me.clone() };

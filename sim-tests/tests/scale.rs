@@ -41,8 +41,9 @@ fn healthy(r: &Report, cost: &CostSummary) {
     assert!(r.violations.is_empty(), "{:?}", r.violations);
     let f = &r.figures;
     assert!(f.ok * 100 >= f.sent * 99, "at least 99 % succeed: {}", r.figures_text());
-    // The provider cap (20 per key and responder) bounds the allocators a client probes.
-    assert!(cost.probes_max <= 40, "at most {} allocators probed", cost.probes_max);
+    // The provider cap (20 per key and responder) bounds the allocators a client probes:
+    // the responders' first 20 overlap, so a lookup's union stays a few times the cap.
+    assert!(cost.probes_max <= 80, "at most {} allocators probed", cost.probes_max);
     assert!(cost.lookups > 0 && cost.allocations > 0);
 }
 

@@ -227,11 +227,12 @@ fn curve(sizes: &[usize], seed: u64, out: &Path, font: &Path) -> anyhow::Result<
          Every allocation is a sample: the RTT from the client to the allocator that started its instance, \
          against the RTT to the closest allocator up and reachable at that moment (over all allocators, \
          not only those the client saw). A client probes the allocators that a provider lookup of the \
-         allocators' rendezvous key returns: at most 20 from each node that answers (libp2p-kad's cap), \
-         20 to 30 in all, and largely the same ones for every client, since every store keeps the providers \
-         whose ids are closest to the key. The choice is the nearest of a set picked by id, not by place, \
-         so how close it comes depends on how that set happens to spread over the network; no network \
-         coordinates (Vivaldi) are used yet.\n\n",
+         allocators' rendezvous key returns: at most 20 from each node that answers (libp2p-kad's cap). \
+         Each store keeps the first 20 providers of a key to arrive and ignores later ones while those live \
+         (libp2p-kad's memory store does the same, so production behaves alike): the candidates are picked \
+         by arrival order at the nodes the lookup asks, not by place. How close the choice comes depends on \
+         how those candidates happen to spread over the network, and allocators that are in no store's first \
+         20 get no instances. No network coordinates (Vivaldi) are used yet.\n\n",
     );
     for p in &points {
         let c = &p.cost;

@@ -108,7 +108,7 @@ impl SyncCluster {
     pub fn advertise(&mut self, provider: &PeerId, key: Key) -> Vec<PeerId> {
         let me = self.nodes[provider].me.clone();
         let found = self.lookup(provider, &Rpc::FindNode(key));
-        self.node(provider).store.put(key, me.peer.clone(), TTL_US);
+        self.node(provider).store.put(key, me.peer.clone(), 0, TTL_US);
         let mut holders = vec![me.peer.clone()];
         for c in found.closest {
             if let Some(node) = self.nodes.get_mut(&c.peer).filter(|_| !self.dead.contains(&c.peer)) {

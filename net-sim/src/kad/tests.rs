@@ -103,25 +103,26 @@ fn providers_are_stored_on_the_k_closest_and_found_around_dead_nodes() {
 }
 
 #[test]
-fn the_store_keeps_the_closest_providers_until_they_expire() {
+fn the_store_keeps_the_first_providers_until_they_expire() {
     let key = dht_key(&DhtKey::Allocators);
     let mut s = ProviderStore::new(3, 100);
     for i in 0..10 {
-        s.put(key, addr(i).peer, 1000);
+        s.put(key, addr(i).peer, 0, 1000);
     }
-    let mut want: Vec<(Distance, PeerId)> =
-        (0..10).map(|i| (Key::of_peer(&addr(i).peer).distance(&key), addr(i).peer)).collect();
-    want.sort();
-    let want: Vec<PeerId> = want.into_iter().take(3).map(|(_, p)| p).collect();
-    assert_eq!(s.get(&key, 0), want);
+    // As libp2p-kad's memory store: a full key ignores newcomers, whoever they are.
+    let first: Vec<PeerId> = (0..3).map(|i| addr(i).peer).collect();
+    assert_eq!(s.get(&key, 0), first);
     // A refresh extends; an expired record is not returned and is pruned.
-    s.put(key, want[0].clone(), 5000);
-    assert_eq!(s.get(&key, 2000), vec![want[0].clone()]);
-    s.prune(6000);
+    s.put(key, first[0].clone(), 0, 5000);
+    assert_eq!(s.get(&key, 2000), vec![first[0].clone()]);
+    // Expired records make room: a newcomer is kept again.
+    s.put(key, addr(9).peer, 2000, 6000);
+    assert_eq!(s.get(&key, 2000), vec![first[0].clone(), addr(9).peer]);
+    s.prune(7000);
     assert!(s.is_empty());
     let mut tiny = ProviderStore::new(20, 2);
     for i in 0..5 {
-        tiny.put(key, addr(i).peer, 1000);
+        tiny.put(key, addr(i).peer, 0, 1000);
     }
     assert_eq!(tiny.len(), 2, "the total cap holds");
 }
