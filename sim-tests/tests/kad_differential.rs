@@ -10,7 +10,9 @@
 //! With ten nodes and k = 20 every node is among the k closest to any key, so the
 //! key hashing (libp2p hashes a peer id's bytes, the model its text) does not change
 //! who is asked or who holds a record; routing over many buckets is the model's own
-//! tests' and the scale scenarios' job.
+//! tests' and the scale scenarios' job. The per-key provider cap, which decides which
+//! allocators a client can see at scale, is compared store to store: libp2p-kad's
+//! memory store and the model's are fed the same providers and must keep the same.
 
 use libp2p::identity::Keypair;
 use physarum_core::types::{DhtKey, PeerAddr, PeerId};
@@ -160,4 +162,45 @@ async fn compare() {
     model.join(stranger.clone(), Some(&model.nodes[&boot_peer].me.clone()));
     let m = model.lookup(&stranger.peer, &Rpc::GetProviders { key: dht_key(&key) });
     assert!(m.providers.is_empty() && m.closest.is_empty(), "the model's late node found {:?}", m.providers);
+}
+
+#[test]
+fn the_model_keeps_the_providers_libp2p_kad_keeps() {
+    // The per-key provider cap decides which allocators a client can ever see at
+    // scale: feed libp2p-kad's own memory store and the model's store the same
+    // providers (more than the cap), refreshes and expiries, and compare what each keeps.
+    use libp2p::kad::store::{MemoryStore, RecordStore};
+    use libp2p::kad::ProviderRecord;
+    use physarum_net_sim::kad::ProviderStore;
+    let (record_key, model_key) = (physarum_net_real::record_key(&DhtKey::Allocators), dht_key(&DhtKey::Allocators));
+    let mut real = MemoryStore::new(libp2p::PeerId::random());
+    let cap = KadConfig::default().max_providers_per_key;
+    let mut model = ProviderStore::new(cap, KadConfig::default().max_records);
+    let peers: Vec<libp2p::PeerId> = (0..cap + 10).map(|_| libp2p::PeerId::random()).collect();
+    let add = |real: &mut MemoryStore, model: &mut ProviderStore, p: &libp2p::PeerId| {
+        real.add_provider(ProviderRecord::new(record_key.clone(), *p, vec![])).expect("stored");
+        model.put(model_key, PeerId(p.to_string()), 0, 1_000_000);
+    };
+    let kept = |real: &MemoryStore, model: &ProviderStore| {
+        let r: Vec<String> = real.providers(&record_key).iter().map(|x| x.provider.to_string()).collect();
+        let m: Vec<String> = model.get(&model_key, 0).into_iter().map(|p| p.0).collect();
+        (r, m)
+    };
+    for p in &peers {
+        add(&mut real, &mut model, p);
+    }
+    // Kept providers advertise again, in another order.
+    for p in peers.iter().rev() {
+        add(&mut real, &mut model, p);
+    }
+    let (r, m) = kept(&real, &model);
+    assert_eq!(r.len(), cap);
+    assert_eq!(r, m, "libp2p-kad kept {r:?}, the model {m:?}");
+    // One goes (its record expires or is removed): a newcomer takes its place in both.
+    real.remove_provider(&record_key, &peers[3]);
+    model.put(model_key, PeerId(peers[3].to_string()), 0, 0);
+    add(&mut real, &mut model, &peers[cap + 5]);
+    let (r, m) = kept(&real, &model);
+    assert_eq!(r, m, "after a removal: libp2p-kad kept {r:?}, the model {m:?}");
+    assert!(r.contains(&peers[cap + 5].to_string()));
 }
