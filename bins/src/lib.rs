@@ -11,6 +11,7 @@ pub mod dev;
 pub mod hello;
 pub mod keys;
 pub mod logging;
+pub mod plot;
 pub mod registry_client;
 pub mod service_config;
 pub mod signals;

@@ -285,6 +285,17 @@ impl Allocator {
         })
     }
 
+    /// What this allocator reports to a load query: instances running or starting,
+    /// out of how many it may run.
+    pub fn load(&self) -> crate::placement::Load {
+        let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        crate::placement::Load {
+            running: clamp(self.instances.len()),
+            capacity: clamp(self.config.max_instances),
+            recent: 0,
+        }
+    }
+
     /// How many requests are waiting for an answer (from the registry or a start).
     pub fn pending_requests(&self) -> usize {
         self.open.len()

@@ -165,6 +165,9 @@ pub struct ManagerConfig {
     pub app_down_after: u32,
     /// Deliberate defects, for tests only (none by default).
     pub defects: Defects,
+    /// Which found instance is used and which allocator is asked first (lowest RTT
+    /// by default).
+    pub placement: crate::placement::Placement,
 }
 
 /// Deliberate defects a test can switch on to show that a simulation invariant
@@ -204,6 +207,7 @@ impl Default for ManagerConfig {
             resilience: ResilienceConfig::default(),
             app_down_after: 2,
             defects: Defects::default(),
+            placement: crate::placement::Placement::default(),
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod manager;
 pub mod node;
 pub mod peer_cache;
 pub mod perf;
+pub mod placement;
 pub mod registry;
 pub mod registry_cache;
 pub mod resilience;

@@ -17,6 +17,7 @@ use crate::config::{ManagerConfig, PeerCacheConfig};
 use crate::io::{Event, OpResult, Outcome};
 use crate::peer_cache::{PeerCache, PeerCacheOutput};
 use crate::perf::{Class, PerfSample, Requirements};
+use crate::placement::{Candidate, Choosing, Load};
 use crate::registry_cache::Resolution;
 use crate::resilience::{Ejections, RetryBudget, FAILED_A_REQUEST};
 use crate::time::{earliest, Instant};
@@ -34,6 +35,9 @@ const FAILED_TRUST: &str = "failed the trust check";
 const KNOWN_KEEP: usize = 256;
 /// "For good" (the `eject_forever` defect).
 const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// An instance counts the requests it began in windows this long and reports those of
+/// the current and the previous window as its recent load.
+const LOAD_WINDOW: Duration = Duration::from_secs(10);
 /// Shortest interval between two copies of a control message (a zero setting would
 /// send copies at one instant forever).
 const MIN_RETRY: Duration = Duration::from_millis(1);
@@ -155,11 +159,15 @@ enum Phase {
 
 /// Probes sent to a set of candidates, sharing one deadline. Candidates that have
 /// not answered are probed again at `retry_at` (a lost probe is not a lost candidate).
+/// When the placement policy weighs load, each candidate is also asked for it once.
 #[derive(Clone, Debug, Default)]
 struct ProbeRound {
     /// Outstanding probes: token → candidate (a candidate probed twice has two).
     pending: BTreeMap<u64, PeerAddr>,
     answered: Vec<Measured>,
+    /// Outstanding load queries, and the loads reported.
+    load_pending: BTreeMap<u64, PeerId>,
+    loads: BTreeMap<PeerId, Load>,
     deadline: Instant,
     retry_at: Instant,
     retry_delay: Duration,
@@ -167,14 +175,7 @@ struct ProbeRound {
 
 impl ProbeRound {
     fn is_done(&self, now: Instant) -> bool {
-        self.pending.is_empty() || now >= self.deadline
-    }
-
-    /// Answered candidates sorted by RTT (ties broken by peer id, for determinism).
-    fn sorted(&self) -> Vec<Measured> {
-        let mut v = self.answered.clone();
-        v.sort_by(|a, b| a.rtt.cmp(&b.rtt).then_with(|| a.peer.peer.cmp(&b.peer.peer)));
-        v
+        (self.pending.is_empty() && self.load_pending.is_empty()) || now >= self.deadline
     }
 
     /// Candidates still waited for, once each.
@@ -214,6 +215,10 @@ struct Serving {
     next_advertise: Instant,
     /// Tunnelled requests being served now: the instance is not idle while any are.
     in_flight: u32,
+    /// Requests begun in the window starting at `window_start`, and in the one before.
+    window_start: Instant,
+    this_window: u32,
+    last_window: u32,
     /// Application checks failed in a row.
     failed_checks: u32,
 }
@@ -278,6 +283,9 @@ impl Manager {
                 last_served: now,
                 next_advertise: now,
                 in_flight: 0,
+                window_start: now,
+                this_window: 0,
+                last_window: 0,
                 failed_checks: 0,
             });
         }
@@ -475,9 +483,27 @@ impl Manager {
             if peer.peer == self.local || self.ejected.is_ejected(now, &peer.peer) || !seen.insert(peer.peer.clone()) {
                 continue;
             }
+            if self.config.placement.0.wants_load() {
+                let token = self.token();
+                self.ops.insert(token, name.to_string());
+                round.load_pending.insert(token, peer.peer.clone());
+                let request = Request::Load;
+                self.out.push_back(ManagerOutput::Send { token, peer: peer.clone(), request, timeout });
+            }
             self.probe_candidate(name, &mut round, peer, timeout);
         }
         round
+    }
+
+    /// The answered candidates of `round` in the placement policy's order.
+    fn ranked(&self, round: &ProbeRound, choosing: Choosing, reqs: &Requirements) -> Vec<Measured> {
+        let mut v = round.answered.clone();
+        self.config.placement.order(choosing, reqs, &mut v, |m| Candidate {
+            peer: &m.peer.peer,
+            rtt: m.rtt,
+            load: round.loads.get(&m.peer.peer).copied(),
+        });
+        v
     }
 
     fn probe_candidate(&mut self, name: &str, round: &mut ProbeRound, peer: PeerAddr, timeout: Duration) {
@@ -697,7 +723,8 @@ impl Manager {
             |m: &Measured| ignore_hard || reqs.classify(Some(&PerfSample::rtt(m.rtt))) != Class::HardViolated;
         match &d.phase {
             Phase::ProbingInstances(round) if round.is_done(now) => {
-                let found: Vec<Measured> = round.sorted().into_iter().filter(within_hard).collect();
+                let found: Vec<Measured> =
+                    self.ranked(round, Choosing::Instance, &reqs).into_iter().filter(within_hard).collect();
                 // Seeking better: only instances faster than the current one count, and
                 // the current one is what we keep if nothing better turns up.
                 let (best, fallback) = match &d.purpose {
@@ -735,7 +762,8 @@ impl Manager {
             Phase::ProbingAllocators(round) if round.is_done(now) => {
                 // An allocator over the hard limit could only start an instance no
                 // request may use.
-                let mut order: Vec<Measured> = round.sorted().into_iter().filter(within_hard).collect();
+                let mut order: Vec<Measured> =
+                    self.ranked(round, Choosing::Allocator, &reqs).into_iter().filter(within_hard).collect();
                 // With a slow instance in hand, only allocators closer than it can do better.
                 if let Some(fallback) = &d.fallback {
                     order.retain(|m| m.rtt < fallback.rtt);
@@ -747,7 +775,7 @@ impl Manager {
             }
             Phase::ProbingRefound { round, tries } if round.is_done(now) => {
                 let tries = *tries;
-                match round.sorted().into_iter().find(within_hard) {
+                match self.ranked(round, Choosing::Instance, &reqs).into_iter().find(within_hard) {
                     Some(m) => self.select(now, name, m, Then::Choose),
                     None => self.refind_later(now, name, tries + 1),
                 }
@@ -907,6 +935,13 @@ impl Manager {
         if let Some(s) = self.serving.as_mut() {
             s.in_flight = s.in_flight.saturating_add(1);
             s.last_served = now;
+            let elapsed = now.saturating_since(s.window_start);
+            if elapsed >= LOAD_WINDOW {
+                s.last_window = if elapsed >= LOAD_WINDOW * 2 { 0 } else { s.this_window };
+                s.this_window = 0;
+                s.window_start = now;
+            }
+            s.this_window = s.this_window.saturating_add(1);
         }
     }
 
@@ -943,6 +978,18 @@ impl Manager {
         (s.failed_checks >= self.config.app_down_after.max(1)).then(|| {
             format!("the application of '{}' does not answer ({} checks failed in a row)", s.name, s.failed_checks)
         })
+    }
+
+    /// Service mode: what this instance reports to a load query.
+    pub fn load(&self, now: Instant) -> Option<Load> {
+        let s = self.serving.as_ref()?;
+        let elapsed = now.saturating_since(s.window_start);
+        let recent = match elapsed {
+            e if e >= LOAD_WINDOW * 2 => 0,
+            e if e >= LOAD_WINDOW => s.this_window,
+            _ => s.this_window.saturating_add(s.last_window),
+        };
+        Some(Load { running: s.in_flight, capacity: 0, recent })
     }
 
     /// Answer an allocator's idle query: busy while a request is in flight; an error
@@ -1078,6 +1125,12 @@ fn providers_of(result: OpResult) -> Vec<PeerAddr> {
 /// answer of a candidate settles it (its other probes are no longer waited for).
 fn record_probe(mut round: ProbeRound, result: Option<(u64, OpResult)>, now: Instant) -> ProbeRound {
     if let Some((token, result)) = result {
+        if let Some(peer) = round.load_pending.remove(&token) {
+            if let OpResult::Response(Response::Load { load }) = result {
+                round.loads.insert(peer, load);
+            }
+            return round;
+        }
         if let Some(peer) = round.pending.remove(&token) {
             round.pending.retain(|_, p| p.peer != peer.peer);
             if let OpResult::Rtt(rtt) = result {

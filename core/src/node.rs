@@ -429,6 +429,13 @@ impl Node {
                 }
                 self.out.push_back(reply(self.manager.idle_query(now)));
             }
+            Request::Load => {
+                let load = self.allocator.as_ref().map(|a| a.load()).or_else(|| self.manager.load(now));
+                self.out.push_back(reply(match load {
+                    Some(load) => Response::Load { load },
+                    None => Response::Error { reason: "this node is neither an allocator nor an instance".into() },
+                }));
+            }
             Request::Ping { nonce } => match self.manager.unhealthy() {
                 Some(reason) => self.out.push_back(reply(Response::Error { reason })),
                 None => self.out.push_back(reply(Response::Pong { nonce })),

@@ -47,6 +47,9 @@ pub enum Request {
     Ping {
         nonce: u64,
     },
+    /// How loaded are you? (asked by placement policies that weigh load; appended
+    /// last so that every earlier message keeps its encoding).
+    Load,
 }
 
 /// The answer to a [`Request`].
@@ -82,6 +85,10 @@ pub enum Response {
     /// The peer could not handle the request (wrong role, invalid input).
     Error {
         reason: String,
+    },
+    /// `Load`: an allocator's instances and capacity, or an instance's requests.
+    Load {
+        load: crate::placement::Load,
     },
 }
 
@@ -266,6 +273,7 @@ mod tests {
             proptest::option::of(arb_credentials().prop_map(Box::new))
                 .prop_map(|credentials| Request::IdleQuery { credentials }),
             any::<u64>().prop_map(|nonce| Request::Ping { nonce }),
+            Just(Request::Load),
         ]
     }
 
@@ -279,6 +287,9 @@ mod tests {
             Just(Response::Done),
             any::<u64>().prop_map(|seconds| Response::Idle { seconds }),
             any::<u64>().prop_map(|nonce| Response::Pong { nonce }),
+            (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(running, capacity, recent)| Response::Load {
+                load: crate::placement::Load { running, capacity, recent }
+            }),
             arb_string().prop_map(|reason| Response::Error { reason }),
         ]
     }

@@ -158,16 +158,21 @@ impl Report {
         s
     }
 
-    pub fn summary(&self) -> String {
-        let mut s = String::new();
-        let _ = writeln!(s, "scenario {} seed {}", self.scenario, self.seed);
-        let _ = writeln!(
-            s,
+    /// How long the run took in wall time; kept out of [`Report::summary`] so that two
+    /// runs of one seed print the same summary.
+    pub fn wall_text(&self) -> String {
+        format!(
             "simulated {:.1} s in {:.2} s wall ({:.1} simulated s per wall s)",
             self.simulated.as_secs_f64(),
             self.wall.as_secs_f64(),
             self.simulated.as_secs_f64() / self.wall.as_secs_f64().max(1e-9)
-        );
+        )
+    }
+
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "scenario {} seed {}", self.scenario, self.seed);
+        let _ = writeln!(s, "simulated {:.1} s", self.simulated.as_secs_f64());
         s.push_str(&self.figures_text());
         if self.violations.is_empty() {
             s.push_str("invariants: all hold\n");
@@ -253,6 +258,25 @@ impl NetHistory {
         }
     }
 
+    /// When the stretch began during which the link has been over `limit_ms` (or cut)
+    /// up to `at`; `None` if it is within the limit at `at`.
+    pub(crate) fn over_since(&self, a: &str, b: &str, limit_ms: f64, at: Duration) -> Option<Duration> {
+        let over = |t: Duration| self.rtt_at(a, b, t).is_none_or(|r| r > limit_ms);
+        if !over(at) {
+            return None;
+        }
+        // `Duration::MAX`: within the limit at that point.
+        let mut since = if self.initial.rtt_ms(a, b) > limit_ms { Duration::ZERO } else { Duration::MAX };
+        for (t, _) in self.changes.iter().filter(|(t, _)| *t <= at) {
+            if !over(*t) {
+                since = Duration::MAX;
+            } else if since == Duration::MAX {
+                since = *t;
+            }
+        }
+        Some(if since == Duration::MAX { at } else { since })
+    }
+
     /// Whether the link was over `hard_ms` (or cut) at every moment of `[from, to]`.
     pub(crate) fn bad_throughout(&self, a: &str, b: &str, hard_ms: f64, from: Duration, to: Duration) -> bool {
         let bad = |t: Duration| self.rtt_at(a, b, t).is_none_or(|r| r > hard_ms);
@@ -270,6 +294,11 @@ pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// Run `scenario` with `seed`.
 pub fn run(scenario: &Scenario, seed: u64) -> Result<Report, String> {
+    run_with_progress(scenario, seed, &mut |_| {})
+}
+
+/// [`run`], calling `progress` with the simulated time reached, once per simulated second.
+pub fn run_with_progress(scenario: &Scenario, seed: u64, progress: &mut dyn FnMut(Duration)) -> Result<Report, String> {
     scenario.validate().map_err(|e| e.to_string())?;
     let wall = std::time::Instant::now();
     let trace = Trace::new();
@@ -292,7 +321,7 @@ pub fn run(scenario: &Scenario, seed: u64) -> Result<Report, String> {
     }
     let topology = Topology::of(scenario);
     for l in &scenario.links {
-        sim.set_link_latency(l.a.as_str(), l.b.as_str(), one_way(l.rtt_ms));
+        set_link(&mut sim, scenario, &l.a, &l.b, l.rtt_ms);
     }
     let placed: Vec<&String> = topology.placed().collect();
     for (i, a) in placed.iter().enumerate() {
@@ -311,7 +340,11 @@ pub fn run(scenario: &Scenario, seed: u64) -> Result<Report, String> {
             apply(&mut sim, &ctx, fault, at, &mut history);
             next += 1;
         }
+        let before = sim.elapsed().as_secs();
         sim.step().map_err(|e| format!("simulation failed at {:?}: {e}", sim.elapsed()))?;
+        if sim.elapsed().as_secs() != before {
+            progress(sim.elapsed());
+        }
     }
     let simulated = sim.elapsed();
     drop(sim);
@@ -358,14 +391,24 @@ fn apply(sim: &mut turmoil::Sim<'_>, ctx: &Ctx, fault: &Fault, at: Duration, h: 
                 sim.bounce(node.as_str());
             }
         }
-        Fault::Latency { a, b, rtt_ms } => sim.set_link_latency(a.as_str(), b.as_str(), one_way(*rtt_ms)),
-        Fault::LatencySweep { .. } => unreachable!("expanded before the run"),
+        Fault::Latency { a, b, rtt_ms } => set_link(sim, &ctx.scenario, a, b, *rtt_ms),
+        Fault::LatencySweep { .. } | Fault::LatencyWave { .. } => unreachable!("expanded before the run"),
         Fault::Loss { a, b, rate } => ctx.loss.set(a, b, *rate),
         Fault::SlowStart { node, boot_delay_ms } => {
             ctx.boot_delays.borrow_mut().insert(node.clone(), Duration::from_millis(*boot_delay_ms));
         }
         Fault::HangApps { node } => ctx.set_apps_hung(node, true),
         Fault::ResumeApps { node } => ctx.set_apps_hung(node, false),
+    }
+}
+
+/// Set a link's RTT, keeping the jitter the scenario gives it.
+fn set_link(sim: &mut turmoil::Sim<'_>, scenario: &Scenario, a: &str, b: &str, rtt_ms: f64) {
+    sim.set_link_latency(a, b, one_way(rtt_ms));
+    let p = pair(a, b);
+    if let Some(l) = scenario.links.iter().find(|l| pair(&l.a, &l.b) == p && l.jitter_ms > 0.0) {
+        let jitter = Duration::from_micros((l.jitter_ms * 1000.0) as u64);
+        sim.set_link_max_message_latency(a, b, one_way(rtt_ms) + jitter);
     }
 }
 
@@ -486,7 +529,7 @@ pub(crate) fn check(scenario: &Scenario, report: &Report, history: &NetHistory, 
         }
     }
     if let Some(within) = inv.recover_within_ms {
-        let last = scenario.expanded_schedule().last().map(|s| s.at_ms).unwrap_or(0);
+        let last = scenario.last_disturbance_ms();
         let from = Duration::from_millis(last + within);
         let failing: Vec<String> = report
             .requests
@@ -497,6 +540,75 @@ pub(crate) fn check(scenario: &Scenario, report: &Report, history: &NetHistory, 
             .collect();
         if !failing.is_empty() {
             v.push(format!("requests still failing {within} ms after the last fault: {}", failing.join("; ")));
+        }
+    }
+    if let Some(min) = inv.min_success_rate {
+        let done = f.ok + f.failed + f.timed_out + f.lost;
+        let rate = if done == 0 { 1.0 } else { f.ok as f64 / done as f64 };
+        if rate < min {
+            v.push(format!(
+                "{:.1} % of requests succeeded ({} of {done}), expected at least {:.1} %",
+                rate * 100.0,
+                f.ok,
+                min * 100.0
+            ));
+        }
+    }
+    let hash_to_name: BTreeMap<String, String> =
+        scenario.services.iter().map(|s| (crate::node::service_hash(&s.name).0, s.name.clone())).collect();
+    if inv.fallback_allowed == Some(false) {
+        let over: Vec<String> = report
+            .events()
+            .into_iter()
+            .filter_map(|(at, node, e)| match e {
+                Event::Selected { service, instance, rtt } => {
+                    let name = hash_to_name.get(&service.0)?;
+                    let soft = ms(scenario.limits_of(name).soft_ms);
+                    (rtt > soft).then(|| format!("{node} -> {instance} ({} us) at {at:?}", rtt.as_micros()))
+                }
+                _ => None,
+            })
+            .collect();
+        if !over.is_empty() {
+            v.push(format!(
+                "{} selections over the soft limit (fallback not allowed): {}",
+                over.len(),
+                over.iter().take(5).cloned().collect::<Vec<_>>().join("; ")
+            ));
+        }
+    }
+    if let Some(bound) = inv.max_switch_delay_ms {
+        let hosts = ctx.instance_hosts.borrow();
+        let mut late = Vec::new();
+        // Each client's instance and since when it has been using it (a client that
+        // falls back to a slow instance is judged from when it began using it).
+        let mut using: BTreeMap<(&str, &str), (&str, Duration)> = BTreeMap::new();
+        for r in &report.requests {
+            let Fate::Answered { served_by: Some(by), .. } = &r.fate else { continue };
+            let key = (r.client.as_str(), r.service.as_str());
+            let began = match using.get(&key) {
+                Some((instance, began)) if *instance == by.as_str() => *began,
+                _ => r.at,
+            };
+            using.insert(key, (by.as_str(), began));
+            let host = hosts.get(by).cloned().unwrap_or_else(|| crate::timeline::host_of(by).to_string());
+            let soft = scenario.limits_of(&r.service).soft_ms as f64;
+            if host == r.client {
+                continue;
+            }
+            if let Some(since) = history.over_since(&r.client, &host, soft, r.at) {
+                let since = since.max(began);
+                if r.at.saturating_sub(since) > ms(bound) {
+                    late.push(format!("#{} at {:?} by {by}, over the soft limit since {since:?}", r.seq, r.at));
+                }
+            }
+        }
+        if !late.is_empty() {
+            v.push(format!(
+                "{} requests served by an instance over the soft limit for longer than {bound} ms: {}",
+                late.len(),
+                late.iter().take(5).cloned().collect::<Vec<_>>().join("; ")
+            ));
         }
     }
     // Always: at most one live instance per service on one allocator (the storm bound).
@@ -596,6 +708,13 @@ mod tests {
         assert!(!h.bad_throughout("c", "i", 100.0, s(31), s(33)));
         // Healed at 20 s, 4 ms again.
         assert!(!h.bad_throughout("c", "i", 10.0, s(21), s(23)));
+        // Over 10 ms (or cut) since: the cut at 10 s; nothing at 25 s; 50 ms from 30 s.
+        assert_eq!(h.over_since("c", "i", 10.0, s(15)), Some(s(10)));
+        assert_eq!(h.over_since("c", "i", 10.0, s(25)), None);
+        assert_eq!(h.over_since("c", "i", 10.0, s(35)), Some(s(30)));
+        assert_eq!(h.over_since("c", "i", 10.0, s(45)), Some(s(30)));
+        assert_eq!(h.over_since("c", "i", 100.0, s(35)), None);
+        assert_eq!(h.over_since("c", "i", 3.0, s(5)), Some(Duration::ZERO));
     }
 
     #[test]

@@ -353,6 +353,8 @@ struct World {
     /// Each host pair's RTT at the start, by host index: the listed links, and the
     /// places on the plane (see [`Topology`]).
     links: BTreeMap<(usize, usize), f64>,
+    /// Listed links' own jitter (ms of extra one-way delay at most).
+    link_jitter: BTreeMap<(usize, usize), f64>,
     places: Vec<Option<[f64; 2]>>,
     rtt_override: BTreeMap<(usize, usize), f64>,
     cut: BTreeSet<(usize, usize)>,
@@ -373,6 +375,18 @@ fn at_of(t: Instant) -> Duration {
 
 /// Run `scenario` with `seed` on the event-driven engine.
 pub fn run_des(scenario: &Scenario, seed: u64) -> Result<Report, String> {
+    run_des_with_progress(scenario, seed, &mut |_| {})
+}
+
+/// [`run_des`], calling `progress` with the simulated time reached as the run goes on.
+/// How often (in simulated µs) a run reports its progress.
+const PROGRESS_EVERY_US: u64 = 1_000_000;
+
+pub fn run_des_with_progress(
+    scenario: &Scenario,
+    seed: u64,
+    progress: &mut dyn FnMut(Duration),
+) -> Result<Report, String> {
     scenario.validate().map_err(|e| e.to_string())?;
     if let Some(n) = scenario.nodes.iter().find(|n| matches!(n.role, Role::RogueService { .. } | Role::RogueRegistry)) {
         return Err(format!("node {:?}: rogue roles need the turmoil engine (trust is checked there)", n.name));
@@ -396,6 +410,7 @@ pub fn run_des(scenario: &Scenario, seed: u64) -> Result<Report, String> {
         bootstraps: scenario.bootstraps(),
         history: NetHistory::new(topology),
         links: BTreeMap::new(),
+        link_jitter: BTreeMap::new(),
         places: scenario.nodes.iter().map(|n| n.at).collect(),
         rtt_override: BTreeMap::new(),
         cut: BTreeSet::new(),
@@ -422,6 +437,9 @@ pub fn run_des(scenario: &Scenario, seed: u64) -> Result<Report, String> {
     for l in &scenario.links {
         if let Some(p) = w.host_pair(&l.a, &l.b) {
             w.links.insert(p, l.rtt_ms);
+            if l.jitter_ms > 0.0 {
+                w.link_jitter.insert(p, l.jitter_ms);
+            }
         }
     }
     // Bootstraps first, so that everyone else finds them up.
@@ -441,6 +459,9 @@ pub fn run_des(scenario: &Scenario, seed: u64) -> Result<Report, String> {
     while let Some(Due { at, ev, .. }) = w.queue.pop() {
         if at >= end.as_micros() {
             break;
+        }
+        if at / PROGRESS_EVERY_US != w.now.as_micros() / PROGRESS_EVERY_US {
+            progress(at_of(Instant::from_micros(at)));
         }
         w.now = Instant::from_micros(at);
         w.stats.events += 1;
@@ -528,6 +549,9 @@ impl World {
         let jitter = self.scenario.jitter_ms;
         if jitter > 0 && !set {
             d += Duration::from_micros(self.rng.next_u64() % (jitter * 1000));
+        }
+        if let Some(j) = self.link_jitter.get(&(a.min(b), a.max(b))) {
+            d += Duration::from_micros(self.rng.next_u64() % ((j * 1000.0) as u64).max(1));
         }
         Transit::After(d)
     }
@@ -1326,7 +1350,7 @@ impl World {
                     self.rtt_override.insert(p, *rtt_ms);
                 }
             }
-            Fault::LatencySweep { .. } => unreachable!("expanded before the run"),
+            Fault::LatencySweep { .. } | Fault::LatencyWave { .. } => unreachable!("expanded before the run"),
             Fault::Loss { a, b, rate } => {
                 if let Some(p) = self.host_pair(a, b) {
                     self.loss.insert(p, *rate);

@@ -12,12 +12,14 @@ pub mod des;
 pub mod dht;
 pub mod kad;
 pub mod node;
+pub mod policies;
 pub mod scale;
 pub mod scenario;
+pub mod timeline;
 pub mod topology;
 pub mod trace;
 pub mod transport;
 
-pub use cluster::{run, Figures, Report};
-pub use des::run_des;
+pub use cluster::{run, run_with_progress, Figures, Report};
+pub use des::{run_des, run_des_with_progress};
 pub use scenario::{Fault, Invariants, Role, Scenario, ScenarioBuilder, Workload};

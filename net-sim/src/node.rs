@@ -37,6 +37,11 @@ pub const MAX_INSTANCE_ID: u64 = 20_000;
 /// expire in wall time).
 pub const SIM_UNIX_AT_ZERO: u64 = 1_800_000_000;
 
+/// The content hash a scenario service's instances advertise under.
+pub fn service_hash(name: &str) -> ContentHash {
+    ContentHash(format!("sim-{name}-v1"))
+}
+
 /// One client request's fate.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fate {
@@ -171,7 +176,7 @@ impl Ctx {
         let l = self.scenario.limits_of(name);
         Some(ServiceInfo {
             name: name.to_string(),
-            hash: ContentHash(format!("sim-{name}-v1")),
+            hash: service_hash(name),
             run: RunSpec::Image { image: format!("sim/{name}:latest") },
             requirements: Requirements::rtt(Duration::from_millis(l.soft_ms), Duration::from_millis(l.hard_ms)),
             cpu_millis: spec.cpu_millis,
@@ -214,14 +219,18 @@ impl Ctx {
         c.manager.advertise_interval = Duration::from_millis(self.scenario.tuning.advertise_interval_ms);
         c.manager.soft_grace = Duration::from_millis(self.scenario.tuning.soft_grace_ms);
         c.manager.defects = self.defects();
+        if let Some(p) = &self.scenario.placement {
+            c.manager.placement = crate::policies::by_name(&p.policy, &p.params).unwrap_or_default();
+        }
         c
     }
 
-    /// The deliberate defects the scenario switches on.
-    /// An allocator's configuration: its spec in the scenario, the scenario's defects.
+    /// An allocator's configuration from its scenario entry.
     pub(crate) fn allocator_config(&self, spec: &AllocatorSpec) -> AllocatorConfig {
         AllocatorConfig {
             max_instances: spec.max_instances,
+            cpu_millis: spec.cpu_millis,
+            memory_mb: spec.memory_mb,
             cull_interval: Duration::from_millis(spec.cull_interval_ms),
             idle_limit: Duration::from_millis(spec.idle_limit_ms),
             defects: self.defects(),
@@ -229,6 +238,7 @@ impl Ctx {
         }
     }
 
+    /// The deliberate defects the scenario switches on.
     fn defects(&self) -> Defects {
         let mut d = Defects::default();
         for defect in &self.scenario.tuning.defects {

@@ -10,7 +10,7 @@
 //! microseconds).
 
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 /// One simulation run's description.
@@ -47,6 +47,19 @@ pub struct Scenario {
     /// Knobs of the simulated network and nodes.
     #[serde(default)]
     pub tuning: Tuning,
+    /// The placement policy every client uses (lowest RTT unless set; see
+    /// [`crate::policies`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementSpec>,
+}
+
+/// A placement policy by name, with its parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementSpec {
+    pub policy: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: BTreeMap<String, f64>,
 }
 
 fn default_tick_us() -> u64 {
@@ -144,6 +157,20 @@ pub struct AllocatorSpec {
     /// How often instances are asked how long they have been idle (the original: 60 s).
     #[serde(default = "default_idle_ms")]
     pub cull_interval_ms: u64,
+    /// CPU (thousandths of a core) and memory (MiB) this allocator's instances may
+    /// take together; each instance takes its service's `cpu_millis` / `memory_mb`.
+    #[serde(default = "default_alloc_cpu")]
+    pub cpu_millis: u64,
+    #[serde(default = "default_alloc_mem")]
+    pub memory_mb: u64,
+}
+
+fn default_alloc_cpu() -> u64 {
+    physarum_core::config::AllocatorConfig::default().cpu_millis
+}
+
+fn default_alloc_mem() -> u64 {
+    physarum_core::config::AllocatorConfig::default().memory_mb
 }
 
 impl Default for AllocatorSpec {
@@ -153,6 +180,8 @@ impl Default for AllocatorSpec {
             boot_delay_ms: default_boot_ms(),
             idle_limit_ms: default_idle_ms(),
             cull_interval_ms: default_idle_ms(),
+            cpu_millis: default_alloc_cpu(),
+            memory_mb: default_alloc_mem(),
         }
     }
 }
@@ -169,13 +198,56 @@ fn default_idle_ms() -> u64 {
     60_000
 }
 
-/// A link's round-trip time from the start.
+/// A link's round-trip time from the start, and its other properties for the whole run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LinkSpec {
     pub a: String,
     pub b: String,
     pub rtt_ms: f64,
+    /// Random extra one-way delay on this link, 0 to this many ms.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub jitter_ms: f64,
+    /// Messages lost at random on this link, both ways (as a `loss` fault at 0 ms).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub loss: f64,
+    /// The link is cut while its RTT is set above this (by latency faults, sweeps
+    /// and waves), and healed when it comes back to it or below.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut_above_ms: Option<f64>,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
+/// The shape of a periodic latency change ([`Fault::LatencyWave`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WaveShape {
+    /// From low up to high and back down, linearly, once per period.
+    Triangle,
+    /// Low for the first half of each period, high for the second.
+    Square,
+    /// A cosine from low (at the start of each period) to high (half way) and back.
+    Sine,
+}
+
+impl WaveShape {
+    /// The wave's height at `phase` (0 to 1 within a period), from 0 (low) to 1 (high).
+    pub fn height(self, phase: f64) -> f64 {
+        match self {
+            WaveShape::Triangle => 1.0 - (2.0 * phase - 1.0).abs(),
+            WaveShape::Square => {
+                if phase < 0.5 {
+                    0.0
+                } else {
+                    1.0
+                }
+            }
+            WaveShape::Sine => (1.0 - (2.0 * std::f64::consts::PI * phase).cos()) / 2.0,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -206,6 +278,18 @@ pub enum Fault {
     /// Change a link's RTT from `from_ms` to `to_ms` in equal steps every `every_ms`
     /// (the first step at `at_ms`, reaching `to_ms` after `steps` steps).
     LatencySweep { a: String, b: String, from_ms: f64, to_ms: f64, steps: u32, every_ms: u64 },
+    /// Move a link's RTT periodically between `low_ms` and `high_ms` in the given
+    /// shape, one change every `step_ms`, from `at_ms` until `until_ms`.
+    LatencyWave {
+        a: String,
+        b: String,
+        shape: WaveShape,
+        low_ms: f64,
+        high_ms: f64,
+        period_ms: u64,
+        step_ms: u64,
+        until_ms: u64,
+    },
     /// Lose messages between `a` and `b` at random with this probability per
     /// message, both ways (0 repairs): a datagram is gone, a stream segment is sent
     /// again after TCP's retransmission timeout.
@@ -234,6 +318,9 @@ impl Fault {
             Fault::LatencySweep { a, b, from_ms, to_ms, steps, every_ms } => {
                 format!("latency-sweep {a}<->{b} {from_ms}ms->{to_ms}ms in {steps} steps every {every_ms}ms")
             }
+            Fault::LatencyWave { a, b, shape, low_ms, high_ms, period_ms, .. } => {
+                format!("latency-wave {a}<->{b} {shape:?} {low_ms}-{high_ms}ms period {period_ms}ms")
+            }
             Fault::Loss { a, b, rate } => format!("loss {a}<->{b} rate={rate}"),
             Fault::SlowStart { node, boot_delay_ms } => format!("slow-start {node} boot={boot_delay_ms}ms"),
             Fault::HangApps { node } => format!("hang-apps {node}"),
@@ -251,6 +338,7 @@ impl Fault {
                 | Fault::Loss { .. }
                 | Fault::Latency { .. }
                 | Fault::LatencySweep { .. }
+                | Fault::LatencyWave { .. }
                 | Fault::SlowStart { .. }
                 | Fault::HangApps { .. }
         )
@@ -312,9 +400,25 @@ pub struct Invariants {
     /// the cache needs to notice: two lost probes and their timeouts).
     #[serde(default)]
     pub no_hard_violating_selection: bool,
-    /// Requests sent this long after the last disruptive fault was healed all succeed.
+    /// Requests sent this long after the last disturbance all succeed. A disturbance
+    /// is a fault or its healing (partition, repair, crash, restart, loss, ...) or a
+    /// latency change that takes a link over the strictest hard limit or back under
+    /// it; latency steps within the limits (a sweep's, a wave's) are none.
     #[serde(default)]
     pub recover_within_ms: Option<u64>,
+    /// At least this share of the requests sent succeed (0 to 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_success_rate: Option<f64>,
+    /// No request is served by an instance whose link has been over the service's
+    /// soft limit (or cut) for longer than this while the client used it: clients
+    /// switch within this long of the instance they use crossing the soft limit (or of
+    /// falling back to one already over it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_switch_delay_ms: Option<u64>,
+    /// Whether a client may select an instance over the soft limit (a fallback,
+    /// while nothing better can be had); `false`: never. Allowed unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_allowed: Option<bool>,
 }
 
 /// Knobs of the simulated network and nodes.
@@ -525,9 +629,21 @@ impl Scenario {
             if !rtt_ok(l.rtt_ms) {
                 return err(format!("link {}<->{}: rtt_ms out of range", l.a, l.b));
             }
+            if !(0.0..=10_000.0).contains(&l.jitter_ms) {
+                return err(format!("link {}<->{}: jitter_ms must be within 0..=10000", l.a, l.b));
+            }
+            if !(0.0..=1.0).contains(&l.loss) {
+                return err(format!("link {}<->{}: loss must be within 0..=1", l.a, l.b));
+            }
+            if l.cut_above_ms.is_some_and(|c| !rtt_ok(c)) {
+                return err(format!("link {}<->{}: cut_above_ms out of range", l.a, l.b));
+            }
         }
         if !rtt_ok(self.default_rtt_ms) {
             return err("default_rtt_ms out of range".into());
+        }
+        if let Some(p) = &self.placement {
+            crate::policies::by_name(&p.policy, &p.params).map_err(ScenarioError)?;
         }
         if self.tuning.request_deadline_ms == 0 {
             return err("tuning.request_deadline_ms must be positive".into());
@@ -568,6 +684,21 @@ impl Scenario {
                         return err("latency sweep: its last step is beyond any time".into());
                     }
                 }
+                Fault::LatencyWave { a, b, low_ms, high_ms, period_ms, step_ms, until_ms, .. } => {
+                    check(a)?;
+                    check(b)?;
+                    if !rtt_ok(*low_ms) || !rtt_ok(*high_ms) || low_ms > high_ms {
+                        return err("latency wave: need 0 <= low_ms <= high_ms <= 60000".into());
+                    }
+                    if *period_ms == 0 || *step_ms == 0 || *until_ms < s.at_ms {
+                        return err(
+                            "latency wave: period_ms and step_ms must be positive, until_ms not before at_ms".into()
+                        );
+                    }
+                    if (until_ms - s.at_ms) / step_ms >= u64::from(MAX_SWEEP_STEPS) {
+                        return err(format!("latency wave: more than {MAX_SWEEP_STEPS} steps"));
+                    }
+                }
                 Fault::Loss { a, b, rate } => {
                     check(a)?;
                     check(b)?;
@@ -598,6 +729,9 @@ impl Scenario {
                 return err(format!("workload of {:?}: it ends beyond any time", w.client));
             }
         }
+        if self.invariants.min_success_rate.is_some_and(|r| !(0.0..=1.0).contains(&r)) {
+            return err("invariants.min_success_rate must be within 0..=1".into());
+        }
         let requests: f64 =
             self.workloads.iter().map(|w| f64::from(w.burst) + w.rate_per_s * w.duration_ms as f64 / 1000.0).sum();
         if requests > MAX_REQUESTS as f64 {
@@ -606,10 +740,16 @@ impl Scenario {
         Ok(())
     }
 
-    /// The schedule with sweeps expanded into single latency changes, in time order
-    /// (stable: faults at the same time keep their declaration order).
+    /// The schedule as the engines apply it, in time order (stable: faults at the same
+    /// time keep their declaration order): links' loss as `loss` faults at 0 ms, sweeps
+    /// and waves expanded into single latency changes, and a link with `cut_above_ms`
+    /// partitioned while a latency change sets it above that (repaired when one sets
+    /// it back).
     pub fn expanded_schedule(&self) -> Vec<Scheduled> {
         let mut out = Vec::new();
+        for l in self.links.iter().filter(|l| l.loss > 0.0) {
+            out.push(Scheduled { at_ms: 0, fault: Fault::Loss { a: l.a.clone(), b: l.b.clone(), rate: l.loss } });
+        }
         for s in &self.schedule {
             match &s.fault {
                 Fault::LatencySweep { a, b, from_ms, to_ms, steps, every_ms } => {
@@ -622,11 +762,95 @@ impl Scenario {
                         });
                     }
                 }
+                Fault::LatencyWave { a, b, shape, low_ms, high_ms, period_ms, step_ms, until_ms } => {
+                    let mut at = s.at_ms;
+                    while at <= *until_ms {
+                        let phase = ((at - s.at_ms) % period_ms) as f64 / *period_ms as f64;
+                        let rtt = low_ms + (high_ms - low_ms) * shape.height(phase);
+                        let rtt = (rtt * 1000.0).round() / 1000.0;
+                        out.push(Scheduled {
+                            at_ms: at,
+                            fault: Fault::Latency { a: a.clone(), b: b.clone(), rtt_ms: rtt },
+                        });
+                        let Some(next) = at.checked_add(*step_ms) else { break };
+                        at = next;
+                    }
+                }
                 _ => out.push(s.clone()),
             }
         }
         out.sort_by_key(|s| s.at_ms);
+        self.cut_while_above(out)
+    }
+
+    /// Partition / repair links with `cut_above_ms` where the latency changes of
+    /// `schedule` cross it.
+    fn cut_while_above(&self, schedule: Vec<Scheduled>) -> Vec<Scheduled> {
+        let thresholds: BTreeMap<(String, String), f64> =
+            self.links.iter().filter_map(|l| l.cut_above_ms.map(|c| (crate::topology::pair(&l.a, &l.b), c))).collect();
+        if thresholds.is_empty() {
+            return schedule;
+        }
+        let topology = crate::topology::Topology::of(self);
+        let mut cut: BTreeSet<(String, String)> = BTreeSet::new();
+        let mut out = Vec::with_capacity(schedule.len());
+        // A link set up over its threshold is cut from the start.
+        for (p, limit) in &thresholds {
+            if topology.rtt_ms(&p.0, &p.1) > *limit {
+                cut.insert(p.clone());
+                out.push(Scheduled {
+                    at_ms: 0,
+                    fault: Fault::Partition { a: vec![p.0.clone()], b: vec![p.1.clone()] },
+                });
+            }
+        }
+        for s in schedule {
+            let crossing = match &s.fault {
+                Fault::Latency { a, b, rtt_ms } => {
+                    let p = crate::topology::pair(a, b);
+                    thresholds.get(&p).and_then(|limit| {
+                        let above = *rtt_ms > *limit;
+                        (above != cut.contains(&p)).then_some((p, above))
+                    })
+                }
+                _ => None,
+            };
+            let at_ms = s.at_ms;
+            out.push(s);
+            if let Some((p, above)) = crossing {
+                let (a, b) = (vec![p.0.clone()], vec![p.1.clone()]);
+                let fault = if above {
+                    cut.insert(p);
+                    Fault::Partition { a, b }
+                } else {
+                    cut.remove(&p);
+                    Fault::Repair { a, b }
+                };
+                out.push(Scheduled { at_ms, fault });
+            }
+        }
         out
+    }
+
+    /// When the last disturbance happens (see [`Invariants::recover_within_ms`]), in
+    /// ms from the start; 0 if none.
+    pub fn last_disturbance_ms(&self) -> u64 {
+        let hard = self.services.iter().map(|s| self.limits_of(&s.name).hard_ms).min().unwrap_or(self.defaults.hard_ms);
+        let topology = crate::topology::Topology::of(self);
+        let mut rtt: BTreeMap<(String, String), f64> = BTreeMap::new();
+        let mut last = 0;
+        for s in self.expanded_schedule() {
+            match &s.fault {
+                Fault::Latency { a, b, rtt_ms } => {
+                    let before = rtt.insert(crate::topology::pair(a, b), *rtt_ms).unwrap_or(topology.rtt_ms(a, b));
+                    if (before > hard as f64) != (*rtt_ms > hard as f64) {
+                        last = s.at_ms;
+                    }
+                }
+                _ => last = s.at_ms,
+            }
+        }
+        last
     }
 
     /// Requests the workloads send, in time order: (at_ms, workload index).
@@ -678,6 +902,7 @@ impl ScenarioBuilder {
                 workloads: Vec::new(),
                 invariants: Invariants::default(),
                 tuning: Tuning::default(),
+                placement: None,
             },
         }
     }
@@ -752,7 +977,13 @@ impl ScenarioBuilder {
     }
 
     pub fn link(mut self, a: &str, b: &str, rtt_ms: f64) -> Self {
-        self.s.links.push(LinkSpec { a: a.into(), b: b.into(), rtt_ms });
+        self.s.links.push(LinkSpec { a: a.into(), b: b.into(), rtt_ms, jitter_ms: 0.0, loss: 0.0, cut_above_ms: None });
+        self
+    }
+
+    /// A link with all its properties.
+    pub fn link_with(mut self, link: LinkSpec) -> Self {
+        self.s.links.push(link);
         self
     }
 
@@ -795,6 +1026,13 @@ impl ScenarioBuilder {
 
     pub fn invariants(mut self, inv: Invariants) -> Self {
         self.s.invariants = inv;
+        self
+    }
+
+    /// Every client places with the policy called `name` (see [`crate::policies`]).
+    pub fn placement(mut self, name: &str, params: &[(&str, f64)]) -> Self {
+        let params = params.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        self.s.placement = Some(PlacementSpec { policy: name.into(), params });
         self
     }
 
@@ -859,6 +1097,118 @@ mod tests {
         assert_eq!(sched[5].fault, Fault::Latency { a: "c".into(), b: "alloc".into(), rtt_ms: 2.0 });
     }
 
+    /// A wave ending at the end of time stops there.
+    #[test]
+    fn a_wave_at_the_end_of_time_stops() {
+        let mut s = small();
+        s.schedule = vec![Scheduled {
+            at_ms: u64::MAX - 1,
+            fault: Fault::LatencyWave {
+                a: "c".into(),
+                b: "alloc".into(),
+                shape: WaveShape::Square,
+                low_ms: 1.0,
+                high_ms: 2.0,
+                period_ms: 4,
+                step_ms: 5,
+                until_ms: u64::MAX,
+            },
+        }];
+        let s = Scenario::from_json(&s.to_json()).unwrap();
+        assert_eq!(s.expanded_schedule().len(), 1);
+    }
+
+    #[test]
+    fn waves_expand_into_periodic_steps() {
+        let wave = |shape| {
+            let mut s = small();
+            s.schedule = vec![Scheduled {
+                at_ms: 1000,
+                fault: Fault::LatencyWave {
+                    a: "c".into(),
+                    b: "alloc".into(),
+                    shape,
+                    low_ms: 2.0,
+                    high_ms: 10.0,
+                    period_ms: 4000,
+                    step_ms: 1000,
+                    until_ms: 9000,
+                },
+            }];
+            s.validate().unwrap();
+            let rtts: Vec<(u64, f64)> = s
+                .expanded_schedule()
+                .into_iter()
+                .map(|x| match x.fault {
+                    Fault::Latency { rtt_ms, .. } => (x.at_ms, rtt_ms),
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            rtts
+        };
+        let tri: Vec<f64> = wave(WaveShape::Triangle).into_iter().map(|x| x.1).collect();
+        assert_eq!(tri, [2.0, 6.0, 10.0, 6.0, 2.0, 6.0, 10.0, 6.0, 2.0]);
+        let sq: Vec<f64> = wave(WaveShape::Square).into_iter().map(|x| x.1).collect();
+        assert_eq!(sq, [2.0, 2.0, 10.0, 10.0, 2.0, 2.0, 10.0, 10.0, 2.0]);
+        let sine = wave(WaveShape::Sine);
+        assert_eq!((sine[0], sine[2], sine[8]), ((1000, 2.0), (3000, 10.0), (9000, 2.0)));
+        assert_eq!(sine[1].1, 6.0);
+    }
+
+    #[test]
+    fn a_link_is_cut_while_its_rtt_is_above_its_threshold() {
+        let mut s = small();
+        s.schedule.clear();
+        s.links[0].cut_above_ms = Some(5.0);
+        s.links[0].loss = 0.25;
+        s.schedule.push(Scheduled {
+            at_ms: 100,
+            fault: Fault::LatencySweep {
+                a: "c".into(),
+                b: "alloc".into(),
+                from_ms: 4.0,
+                to_ms: 7.0,
+                steps: 3,
+                every_ms: 100,
+            },
+        });
+        s.schedule
+            .push(Scheduled { at_ms: 1000, fault: Fault::Latency { a: "alloc".into(), b: "c".into(), rtt_ms: 1.0 } });
+        let text: Vec<String> =
+            s.expanded_schedule().iter().map(|x| format!("{} {}", x.at_ms, x.fault.describe())).collect();
+        assert_eq!(
+            text,
+            [
+                "0 loss c<->alloc rate=0.25",
+                "100 latency c<->alloc rtt=4ms",
+                "200 latency c<->alloc rtt=5ms",
+                "300 latency c<->alloc rtt=6ms",
+                "300 partition alloc | c",
+                "400 latency c<->alloc rtt=7ms",
+                "1000 latency alloc<->c rtt=1ms",
+                "1000 repair alloc | c",
+            ]
+        );
+        // Over the threshold from the start: cut from the start.
+        s.links[0].rtt_ms = 9.0;
+        assert_eq!(s.expanded_schedule()[0].fault, Fault::Partition { a: vec!["alloc".into()], b: vec!["c".into()] });
+    }
+
+    #[test]
+    fn only_real_disturbances_restart_the_recovery_clock() {
+        let mut s = small(); // hello: hard 200 ms; a crash at 1 s, a 10 → 2 ms sweep at 5 s
+        assert_eq!(s.last_disturbance_ms(), 1000);
+        s.schedule
+            .push(Scheduled { at_ms: 7000, fault: Fault::Latency { a: "c".into(), b: "alloc".into(), rtt_ms: 300.0 } });
+        assert_eq!(s.last_disturbance_ms(), 7000);
+        s.schedule
+            .push(Scheduled { at_ms: 8000, fault: Fault::Latency { a: "c".into(), b: "alloc".into(), rtt_ms: 250.0 } });
+        assert_eq!(s.last_disturbance_ms(), 7000);
+        s.schedule
+            .push(Scheduled { at_ms: 9000, fault: Fault::Latency { a: "c".into(), b: "alloc".into(), rtt_ms: 20.0 } });
+        assert_eq!(s.last_disturbance_ms(), 9000);
+    }
+
     #[test]
     fn request_times_cover_rate_and_burst() {
         let t = small().request_times();
@@ -885,9 +1235,23 @@ mod tests {
             Scheduled { at_ms, fault: Fault::LatencySweep { a, b, from_ms: 1.0, to_ms: 2.0, steps, every_ms } }
         }
         type Change = fn(&mut Scenario);
-        let cases: [(&str, Change); 5] = [
+        let cases: [(&str, Change); 6] = [
             ("more than 10000 steps", |s| s.schedule.push(sweep(0, u32::MAX, 1))),
             ("beyond any time", |s| s.schedule.push(sweep(u64::MAX, 2, u64::MAX))),
+            ("more than 10000 steps", |s| {
+                let (a, b, shape) = ("c".into(), "alloc".into(), WaveShape::Sine);
+                let wave = Fault::LatencyWave {
+                    a,
+                    b,
+                    shape,
+                    low_ms: 1.0,
+                    high_ms: 2.0,
+                    period_ms: 10,
+                    step_ms: 1,
+                    until_ms: u64::MAX,
+                };
+                s.schedule.push(Scheduled { at_ms: 5, fault: wave });
+            }),
             ("more than 1000000 requests", |s| s.workloads[1].burst = u32::MAX),
             ("beyond any time", |s| s.workloads[0].start_ms = u64::MAX),
             ("more than 1000000 requests", |s| {

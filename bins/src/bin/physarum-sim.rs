@@ -10,13 +10,17 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use physarum::plot;
 use physarum_net_sim::des::CostSummary;
 use physarum_net_sim::node::Fate;
 use physarum_net_sim::scale::scale_scenario;
-use physarum_net_sim::{run, run_des, Report, Scenario};
+use physarum_net_sim::scenario::PlacementSpec;
+use physarum_net_sim::timeline::Timeline;
+use physarum_net_sim::{run_des, run_des_with_progress, run_with_progress, Report, Scenario};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(name = "physarum-sim", about = "Run physarum scenarios in the deterministic cluster simulation")]
@@ -53,6 +57,37 @@ enum Command {
         /// Leave out the timeline.
         #[arg(long)]
         quiet: bool,
+        /// Write the timeline (timeline.jsonl, requests.csv) and its plot
+        /// (timeline.png, timeline.svg) into this directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// A TrueType font for the plot's labels.
+        #[arg(long, default_value = plot::DEFAULT_FONT)]
+        font: PathBuf,
+        /// Run with this placement policy instead of the scenario's (lowest_rtt,
+        /// least_loaded, rtt_load_cost; parameters as NAME:KEY=VALUE,KEY=VALUE).
+        #[arg(long)]
+        placement: Option<String>,
+    },
+    /// Run a scenario with many seeds and plot the distribution of the first
+    /// request's response time (a cold allocation: discovery, start, first answer).
+    FirstResponse {
+        file: PathBuf,
+        /// Seeds 1 to N.
+        #[arg(long, default_value_t = 30)]
+        seeds: u64,
+        #[arg(long, value_enum, default_value_t = Engine::Auto)]
+        engine: Engine,
+        /// Where first-response.png and first-response.csv go.
+        #[arg(long)]
+        out: PathBuf,
+        /// A published median to mark, in ms, and its label.
+        #[arg(long)]
+        reference_ms: Option<f64>,
+        #[arg(long, default_value = "published median")]
+        reference_label: String,
+        #[arg(long, default_value = plot::DEFAULT_FONT)]
+        font: PathBuf,
     },
     /// Check that a scenario file parses and is consistent, without running it.
     Check { file: PathBuf },
@@ -69,9 +104,21 @@ enum Command {
         #[arg(long, default_value = "docs")]
         out: PathBuf,
         /// A TrueType font for the labels.
-        #[arg(long, default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")]
+        #[arg(long, default_value = plot::DEFAULT_FONT)]
         font: PathBuf,
     },
+}
+
+/// `NAME` or `NAME:KEY=VALUE,KEY=VALUE`.
+fn placement_spec(text: &str) -> anyhow::Result<PlacementSpec> {
+    let (policy, rest) = text.split_once(':').unwrap_or((text, ""));
+    let mut params = std::collections::BTreeMap::new();
+    for kv in rest.split(',').filter(|kv| !kv.is_empty()) {
+        let (k, v) = kv.split_once('=').with_context(|| format!("placement parameter {kv:?}: use KEY=VALUE"))?;
+        let v: f64 = v.parse().with_context(|| format!("placement parameter {k:?}: {v:?} is not a number"))?;
+        params.insert(k.to_string(), v);
+    }
+    Ok(PlacementSpec { policy: policy.to_string(), params })
 }
 
 fn load(file: &PathBuf) -> anyhow::Result<Scenario> {
@@ -89,17 +136,52 @@ fn main() -> ExitCode {
     }
 }
 
+/// Wall time between two progress lines on stderr.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
 fn run_with(s: &Scenario, seed: u64, engine: Engine) -> anyhow::Result<(Report, &'static str)> {
     let des = match engine {
         Engine::Auto => s.nodes.len() > AUTO_TURMOIL_MAX_NODES,
         Engine::Turmoil => false,
         Engine::Des => true,
     };
+    // Long runs say how far they are, on stderr (stdout stays the same for one seed).
+    let started = std::time::Instant::now();
+    let mut last = started;
+    let total = s.duration_ms as f64 / 1000.0;
+    let mut progress = |at: Duration| {
+        if last.elapsed() >= PROGRESS_EVERY {
+            last = std::time::Instant::now();
+            eprintln!(
+                "progress: {:.0} of {total:.0} simulated s ({:.0} %), {:.0} s wall",
+                at.as_secs_f64(),
+                100.0 * at.as_secs_f64() / total.max(1e-9),
+                started.elapsed().as_secs_f64()
+            );
+        }
+    };
     let (report, name) = match des {
-        true => (run_des(s, seed), "des"),
-        false => (run(s, seed), "turmoil"),
+        true => (run_des_with_progress(s, seed, &mut progress), "des"),
+        false => (run_with_progress(s, seed, &mut progress), "turmoil"),
     };
     Ok((report.map_err(anyhow::Error::msg)?, name))
+}
+
+/// `run --out DIR`: the timeline as data and as a picture.
+fn write_outputs(s: &Scenario, report: &Report, dir: &Path, font: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tl = Timeline::of(s, report);
+    std::fs::write(dir.join("timeline.jsonl"), tl.jsonl())?;
+    std::fs::write(dir.join("requests.csv"), tl.requests_csv())?;
+    plot::register_font(font)?;
+    let title = format!("{} — seed {}", s.name, report.seed);
+    let written = plot::write_timeline_plots(&tl, dir, &title)?;
+    println!("wrote {}", dir.join("timeline.jsonl").display());
+    println!("wrote {}", dir.join("requests.csv").display());
+    for p in written {
+        println!("wrote {}", p.display());
+    }
+    Ok(())
 }
 
 fn real_main() -> anyhow::Result<ExitCode> {
@@ -116,9 +198,14 @@ fn real_main() -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { file, seed, engine, trace, quiet } => {
-            let s = load(&file)?;
+        Command::Run { file, seed, engine, trace, quiet, out, font, placement } => {
+            let mut s = load(&file)?;
+            if let Some(p) = &placement {
+                s.placement = Some(placement_spec(p)?);
+                s.validate()?;
+            }
             let (report, engine_name) = run_with(&s, seed, engine)?;
+            eprintln!("{}", report.wall_text());
             if !quiet {
                 println!("--- timeline ---");
                 print!("{}", report.timeline());
@@ -133,8 +220,51 @@ fn real_main() -> anyhow::Result<ExitCode> {
             if let Some(d) = &report.dht {
                 print!("{}", cost_text(&d.summary()));
             }
-            println!("replay: physarum-sim run {} --seed {seed} --engine {engine_name}", file.display());
+            let policy = placement.map(|p| format!(" --placement {p}")).unwrap_or_default();
+            println!("replay: physarum-sim run {} --seed {seed} --engine {engine_name}{policy}", file.display());
+            if let Some(dir) = out {
+                write_outputs(&s, &report, &dir, &font)?;
+            }
             Ok(if report.violations.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::FirstResponse { file, seeds, engine, out, reference_ms, reference_label, font } => {
+            let s = load(&file)?;
+            let mut csv = String::from("seed,first_response_ms\n");
+            let mut values = Vec::new();
+            for seed in 1..=seeds {
+                let (report, _) = run_with(&s, seed, engine)?;
+                let first = report.requests.iter().min_by_key(|r| (r.at, r.seq));
+                if let Some(physarum_net_sim::node::Fate::Answered { status: 200..=299, latency, .. }) =
+                    first.map(|r| &r.fate)
+                {
+                    let ms = latency.as_secs_f64() * 1000.0;
+                    let _ = writeln!(csv, "{seed},{ms:.3}");
+                    values.push(ms);
+                } else {
+                    let _ = writeln!(csv, "{seed},");
+                }
+            }
+            anyhow::ensure!(!values.is_empty(), "no run answered its first request");
+            let mut sorted = values.clone();
+            sorted.sort_by(f64::total_cmp);
+            let median = sorted[(sorted.len() - 1) / 2];
+            let p90 = sorted[((sorted.len() as f64 * 0.9).ceil() as usize).clamp(1, sorted.len()) - 1];
+            println!(
+                "first response over {} of {seeds} seeds: median {median:.1} ms, p90 {p90:.1} ms, max {:.1} ms",
+                values.len(),
+                sorted[sorted.len() - 1]
+            );
+            std::fs::create_dir_all(&out)?;
+            std::fs::write(out.join("first-response.csv"), csv)?;
+            plot::register_font(&font)?;
+            let mut markers = vec![(median, format!("simulated median {:.2} s", median / 1000.0))];
+            if let Some(r) = reference_ms {
+                markers.push((r, format!("{reference_label} {:.2} s", r / 1000.0)));
+            }
+            let title = format!("{}: first response (cold allocation)", s.name);
+            plot::cdf_png(&values, &markers, &out.join("first-response.png"), &title, "first response, ms")?;
+            println!("wrote {}", out.join("first-response.png").display());
+            Ok(ExitCode::SUCCESS)
         }
         Command::Scale { nodes } => {
             println!("{}", scale_scenario(nodes).to_json());
@@ -259,9 +389,7 @@ fn curve(sizes: &[usize], seed: u64, out: &Path, font: &Path) -> anyhow::Result<
 
 fn plot(points: &[Point], path: &Path, font: &Path) -> anyhow::Result<()> {
     use plotters::prelude::*;
-    let bytes = std::fs::read(font).with_context(|| format!("cannot read the font {}", font.display()))?;
-    plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into_boxed_slice()))
-        .map_err(|_| anyhow::anyhow!("{} is not a usable TrueType font", font.display()))?;
+    plot::register_font(font)?;
     let root = BitMapBackend::new(path, (1500, 520)).into_drawing_area();
     root.fill(&WHITE)?;
     let panels = root.split_evenly((1, 3));
