@@ -35,7 +35,7 @@ mod run;
 
 pub use codec::{WireCodec, RR_PROTOCOL};
 pub use p2p::{
-    psk_from_passphrase, record_key, Backoff, P2p, P2pOptions, TunnelStream, IDENTIFY_VERSION, KAD_PROTOCOL,
+    psk_from_passphrase, record_key, Backoff, FindCost, P2p, P2pOptions, TunnelStream, IDENTIFY_VERSION, KAD_PROTOCOL,
     KEEPALIVE_PROTOCOL, TUNNEL_PROTOCOL,
 };
 pub use run::{run_node, NodeOptions};

@@ -156,7 +156,7 @@ struct Behaviour {
 type Reply<T> = oneshot::Sender<Result<T, String>>;
 
 enum Cmd {
-    Find { key: kad::RecordKey, timeout: Duration, reply: Reply<Vec<PeerAddr>> },
+    Find { key: kad::RecordKey, timeout: Duration, reply: Reply<(Vec<PeerAddr>, FindCost)> },
     Advertise { key: kad::RecordKey, reply: Reply<()> },
     Connect { peer: PeerId, addrs: Vec<Multiaddr>, reply: Reply<()> },
     Request { peer: PeerId, addrs: Vec<Multiaddr>, request: Request, reply: Reply<Response> },
@@ -360,6 +360,16 @@ impl P2p {
         }
     }
 
+    /// [`Transport::find_providers`], with what the Kademlia query cost.
+    pub async fn find_providers_costed(
+        &self,
+        key: DhtKey,
+        timeout: Duration,
+    ) -> Result<(Vec<PeerAddr>, FindCost), String> {
+        let key = record_key(&key);
+        self.call(|reply| Cmd::Find { key, timeout, reply }).await
+    }
+
     /// This node's libp2p peer id.
     pub fn peer_id(&self) -> PeerId {
         self.local
@@ -444,8 +454,7 @@ impl Transport for P2p {
     }
 
     async fn find_providers(&self, key: DhtKey, timeout: Duration) -> Result<Vec<PeerAddr>, String> {
-        let key = record_key(&key);
-        self.call(|reply| Cmd::Find { key, timeout, reply }).await
+        self.find_providers_costed(key, timeout).await.map(|(found, _)| found)
     }
 
     async fn advertise(&self, key: DhtKey) -> Result<(), String> {
@@ -514,8 +523,24 @@ impl Boot {
     }
 }
 
+/// What one provider lookup cost, from libp2p-kad's query statistics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FindCost {
+    /// Kademlia requests the query sent (answered, failed or still pending).
+    pub requests: u32,
+    pub failures: u32,
+}
+
+impl FindCost {
+    fn of(stats: &kad::QueryStats) -> Self {
+        FindCost { requests: stats.num_requests(), failures: stats.num_failures() }
+    }
+}
+
 struct Find {
-    reply: Reply<Vec<PeerAddr>>,
+    reply: Reply<(Vec<PeerAddr>, FindCost)>,
+    /// The query's statistics so far.
+    cost: FindCost,
     providers: BTreeSet<PeerId>,
     deadline: Instant,
     /// When to stop waiting for more answers (set by the first providers).
@@ -586,8 +611,17 @@ impl SwarmTask {
             Cmd::Find { key, timeout, reply } => {
                 let id = self.swarm.behaviour_mut().kad.get_providers(key);
                 let deadline = Instant::now() + timeout.saturating_sub(Duration::from_millis(50));
-                self.finds
-                    .insert(id, Find { reply, providers: BTreeSet::new(), deadline, grace: None, connecting: None });
+                self.finds.insert(
+                    id,
+                    Find {
+                        reply,
+                        cost: FindCost::default(),
+                        providers: BTreeSet::new(),
+                        deadline,
+                        grace: None,
+                        connecting: None,
+                    },
+                );
             }
             Cmd::Advertise { key, reply } => {
                 let r = self.swarm.behaviour_mut().kad.start_providing(key).map(|_| ()).map_err(|e| e.to_string());
@@ -690,7 +724,11 @@ impl SwarmTask {
             self.dial(*p, vec![]);
         }
         if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+            let cost = FindCost::of(q.stats());
             q.finish();
+            if let Some(find) = self.finds.get_mut(&id) {
+                find.cost = cost;
+            }
         }
         if self.finds.get(&id).and_then(|f| f.connecting.as_ref()).is_some_and(|c| c.is_empty()) {
             self.finish_find(id);
@@ -698,12 +736,14 @@ impl SwarmTask {
     }
 
     fn finish_find(&mut self, id: QueryId) {
+        let live = self.swarm.behaviour_mut().kad.query_mut(&id).map(|mut q| {
+            let cost = FindCost::of(q.stats());
+            q.finish();
+            cost
+        });
         if let Some(find) = self.finds.remove(&id) {
             let found = find.providers.iter().map(|p| self.peer_addr(p)).collect();
-            let _ = find.reply.send(Ok(found));
-        }
-        if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
-            q.finish();
+            let _ = find.reply.send(Ok((found, live.unwrap_or(find.cost))));
         }
     }
 
@@ -895,9 +935,10 @@ impl SwarmTask {
                 id,
                 result: QueryResult::GetProviders(res),
                 step,
-                ..
+                stats,
             }) => {
                 if let Some(find) = self.finds.get_mut(&id) {
+                    find.cost = FindCost::of(&stats);
                     if let Ok(GetProvidersOk::FoundProviders { providers, .. }) = res {
                         let local = self.local;
                         find.providers.extend(providers.into_iter().filter(|p| *p != local));

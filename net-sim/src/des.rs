@@ -14,7 +14,9 @@
 //! - instance credentials are not checked on tunnels (no rogue roles here: the
 //!   turmoil runs test trust);
 //! - wire requests and pings are single messages that a lost one turns into a
-//!   timeout, as over UDP in the turmoil runs; jitter is uniform.
+//!   timeout, as over UDP in the turmoil runs; a tunnel message lost on a lossy link
+//!   is sent again after TCP's retransmission timeout (200 ms, doubling), as the
+//!   turmoil runs' streams do, so there loss is delay; jitter is uniform.
 
 use crate::cluster::{check, figures, NetHistory, Report};
 use crate::kad::{self, KadConfig, KadNode, Lookup, LookupStep, Rpc, RpcAnswer};
@@ -22,6 +24,7 @@ use crate::node::{Ctx, Fate, INSTANCE_PORT_BASE, MAX_INSTANCE_ID, NODE_PORT};
 use crate::scenario::{Fault, Role, Scenario};
 use crate::topology::{plane_rtt_ms, Topology};
 use crate::trace::{Kind, Trace};
+use crate::transport::{MAX_RTO, MIN_RTO};
 use physarum_core::dht_policy::{startup_failed, Backoff, BootstrapLink, FindEnd, Retry};
 use physarum_core::io::{Event, Input, OpResult, Outcome, Output};
 use physarum_core::time::Instant;
@@ -204,17 +207,57 @@ enum Msg {
     TunnelRefused { seq: u64, attempt: u32 },
 }
 
+impl Msg {
+    /// Whether the message travels on a tunnel stream (TCP: a lost segment is resent).
+    fn on_stream(&self) -> bool {
+        matches!(self, Msg::Tunnel { .. } | Msg::TunnelResp { .. } | Msg::TunnelRefused { .. })
+    }
+}
+
+/// What the network does with one message.
+enum Transit {
+    /// A host is down or the link is cut.
+    Dropped,
+    /// Lost on a lossy link.
+    Lost,
+    After(Duration),
+}
+
 #[derive(Clone, Debug)]
 enum Ev {
     Wake(Ix),
-    Deliver { to: Ix, msg: Msg },
+    Deliver {
+        to: Ix,
+        msg: Msg,
+    },
+    /// A stream message lost on its link goes again after `rto`.
+    Resend {
+        from: Ix,
+        to: Ix,
+        msg: Msg,
+        rto: Duration,
+    },
     Fault(usize),
     Request(u64),
     GiveUp(u64),
-    TryTimeout { seq: u64, attempt: u32 },
-    BootDone { alloc: Ix, instance: InstanceId, service: Box<ServiceInfo> },
-    KadTimeout { at: Ix, query: u64, peer: PeerId },
-    FindDue { at: Ix, query: u64 },
+    TryTimeout {
+        seq: u64,
+        attempt: u32,
+    },
+    BootDone {
+        alloc: Ix,
+        instance: InstanceId,
+        service: Box<ServiceInfo>,
+    },
+    KadTimeout {
+        at: Ix,
+        query: u64,
+        peer: PeerId,
+    },
+    FindDue {
+        at: Ix,
+        query: u64,
+    },
     BootTick(Ix),
     AppCheck(Ix),
     Refresh(Ix),
@@ -483,22 +526,22 @@ impl World {
         self.link(a, b).0
     }
 
-    /// One-way delay from host `a` to host `b` now, `None` when the message is lost.
-    fn one_way(&mut self, a: usize, b: usize) -> Option<Duration> {
+    /// What happens now to a message from host `a` to host `b`.
+    fn transit(&mut self, a: usize, b: usize) -> Transit {
         if a == b {
-            return Some(Duration::ZERO);
+            return Transit::After(Duration::ZERO);
         }
         if !self.hosts[a].up || !self.hosts[b].up {
-            return None;
+            return Transit::Dropped;
         }
         let p = (a.min(b), a.max(b));
         if self.cut.contains(&p) {
-            return None;
+            return Transit::Dropped;
         }
         if let Some(rate) = self.loss.get(&p) {
             let draw = (self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
             if draw < *rate {
-                return None;
+                return Transit::Lost;
             }
         }
         let (rtt, set) = self.link(a, b);
@@ -510,15 +553,34 @@ impl World {
         if let Some(j) = self.link_jitter.get(&(a.min(b), a.max(b))) {
             d += Duration::from_micros(self.rng.next_u64() % ((j * 1000.0) as u64).max(1));
         }
-        Some(d)
+        Transit::After(d)
+    }
+
+    /// One-way delay from host `a` to host `b` now, `None` when the message is lost.
+    fn one_way(&mut self, a: usize, b: usize) -> Option<Duration> {
+        match self.transit(a, b) {
+            Transit::After(d) => Some(d),
+            Transit::Dropped | Transit::Lost => None,
+        }
     }
 
     /// Send `msg` from peer `from` to the peer at `to`; lost if the link drops it.
     fn send(&mut self, from: Ix, to: Ix, msg: Msg) {
+        self.send_after_loss(from, to, msg, MIN_RTO);
+    }
+
+    /// [`World::send`]; a stream message lost on a lossy link goes again after `rto`
+    /// (doubling while it keeps being lost).
+    fn send_after_loss(&mut self, from: Ix, to: Ix, msg: Msg, rto: Duration) {
         self.stats.messages += 1;
         let (a, b) = (self.peers[from].host, self.peers[to].host);
-        if let Some(d) = self.one_way(a, b) {
-            self.push(self.now + d, Ev::Deliver { to, msg });
+        match self.transit(a, b) {
+            Transit::After(d) => self.push(self.now + d, Ev::Deliver { to, msg }),
+            Transit::Lost if msg.on_stream() => {
+                let next = (rto * 2).min(MAX_RTO);
+                self.push(self.now + rto, Ev::Resend { from, to, msg, rto: next });
+            }
+            Transit::Lost | Transit::Dropped => {}
         }
     }
 
@@ -664,9 +726,19 @@ impl World {
                     self.deliver(to, msg);
                 }
             }
+            Ev::Resend { from, to, msg, rto } => {
+                if self.peers[from].alive && self.peers[to].alive {
+                    self.send_after_loss(from, to, msg, rto);
+                }
+            }
             Ev::Fault(i) => self.fault(i),
             Ev::Request(seq) => self.client_request(seq),
             Ev::GiveUp(seq) => {
+                // A request whose client host crashed meanwhile stays pending, as in
+                // the turmoil runs (its application went down with it).
+                if self.http_of.get(&seq).is_some_and(|(ix, _)| !self.peers[*ix].alive) {
+                    return;
+                }
                 let at = at_of(self.now);
                 let mut requests = self.ctx.requests.borrow_mut();
                 if let Some(r) = requests.get_mut(seq as usize).filter(|r| r.fate == Fate::Pending) {
@@ -1215,7 +1287,7 @@ impl World {
                     let me = self.peers[ix].addr.clone();
                     // The record goes on the k closest that answered; ourselves too if we are among them.
                     let expires = now.as_micros() + self.record_ttl_us();
-                    self.peers[ix].kad.store.put(key, me.peer.clone(), expires);
+                    self.peers[ix].kad.store.put(key, me.peer.clone(), now.as_micros(), expires);
                     for c in closest {
                         if let Some(to) = self.peer_at(&c) {
                             let rpc = Rpc::AddProvider { key, provider: me.clone() };

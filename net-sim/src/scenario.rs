@@ -5,8 +5,9 @@
 //!
 //! Times in a scenario are simulated milliseconds from the start of the run. Link
 //! latencies are given as round-trip times: the simulation sets each direction of
-//! the link to half of it (turmoil delivers messages at tick granularity, so a
-//! measured RTT is the configured one rounded up to the tick).
+//! the link to half of it (turmoil delivers on whole milliseconds whatever the tick,
+//! so there each half is rounded up to a millisecond; the event-driven engine keeps
+//! microseconds).
 
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};

@@ -106,8 +106,8 @@ impl Default for LossModel {
 
 /// TCP's retransmission timeout: the first (Linux's minimum), doubled for every loss
 /// of the same segment, up to the last.
-const MIN_RTO: Duration = Duration::from_millis(200);
-const MAX_RTO: Duration = Duration::from_secs(60);
+pub(crate) const MIN_RTO: Duration = Duration::from_millis(200);
+pub(crate) const MAX_RTO: Duration = Duration::from_secs(60);
 /// TCP's initial SYN retransmission timeout (RFC 6298).
 const SYN_RTO: Duration = Duration::from_secs(1);
 

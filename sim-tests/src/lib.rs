@@ -4,7 +4,7 @@
 //! replays exactly one, `SIM_SEEDS=N` runs N of them (soak runs), otherwise the
 //! test's default count. A failing test prints the command that replays it.
 
-use physarum_net_sim::{run, Report, Scenario};
+use physarum_net_sim::{run, run_des, Report, Scenario};
 use std::time::Duration;
 
 pub mod faults;
@@ -69,10 +69,41 @@ pub fn run_seeds(test: &str, scenario: &Scenario, default_count: u64, check: imp
 
 /// Run `scenario` once with `seed`; a simulation error fails the test with the replay line.
 pub fn run_one(test: &str, scenario: &Scenario, seed: u64) -> Report {
+    run_one_on(Engine::Turmoil, test, scenario, seed)
+}
+
+/// Which engine runs a scenario (as `physarum-sim run --engine`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// The full stack: real HTTP and the shared runtime over turmoil's network.
+    Turmoil,
+    /// The event-driven engine: the same core machines, microsecond time, the Kademlia model.
+    Des,
+}
+
+impl Engine {
+    pub fn run(self, scenario: &Scenario, seed: u64) -> Result<Report, String> {
+        match self {
+            Engine::Turmoil => run(scenario, seed),
+            Engine::Des => run_des(scenario, seed),
+        }
+    }
+
+    /// The name `physarum-sim run --engine` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Turmoil => "turmoil",
+            Engine::Des => "des",
+        }
+    }
+}
+
+/// [`run_one`] on `engine`.
+pub fn run_one_on(engine: Engine, test: &str, scenario: &Scenario, seed: u64) -> Report {
     let _guard = ReplayGuard { test: test.to_string(), seed };
-    match run(scenario, seed) {
+    match engine.run(scenario, seed) {
         Ok(r) => r,
-        Err(e) => panic!("simulation of {} failed: {e}", scenario.name),
+        Err(e) => panic!("simulation of {} on {} failed: {e}", scenario.name, engine.name()),
     }
 }
 

@@ -1,24 +1,30 @@
 //! Each invariant the random fault schedules check can fire: a small scenario holds
 //! it with the real core and breaks it with a deliberately broken one (a test-only
-//! defect switched on in every node, `physarum_core::config::Defects`).
+//! defect switched on in every node, `physarum_core::config::Defects`), on both
+//! engines (the random cases run on the event-driven one).
 
 use physarum_net_sim::scenario::{Defect, Invariants, Tuning};
 use physarum_net_sim::{Fault, Scenario, ScenarioBuilder, Workload};
-use sim_tests::{run_one, BASE_SEED};
+use sim_tests::{run_one_on, Engine, BASE_SEED};
 
-/// The violations of `scenario` with the real core, and with `defect` switched on.
-fn with_and_without(test: &str, scenario: Scenario, defect: Defect) -> (Vec<String>, Vec<String>) {
-    let sound = run_one(test, &scenario, BASE_SEED).violations;
-    let mut broken = scenario;
-    broken.tuning.defects = vec![defect];
-    let report = run_one(test, &broken, BASE_SEED);
-    if std::env::var_os("DEBUG_BROKEN").is_some() {
-        eprintln!("{}\n{}", report.summary(), report.timeline());
-        for r in report.requests.iter().filter(|r| !r.ok()) {
-            eprintln!("{r:?}");
+/// The violations of `scenario` with the real core, and with `defect` switched on,
+/// on each engine: `(engine, sound, broken)`.
+fn with_and_without(test: &str, scenario: Scenario, defect: Defect) -> Vec<(Engine, Vec<String>, Vec<String>)> {
+    let mut out = Vec::new();
+    for engine in [Engine::Turmoil, Engine::Des] {
+        let sound = run_one_on(engine, test, &scenario, BASE_SEED).violations;
+        let mut broken = scenario.clone();
+        broken.tuning.defects = vec![defect];
+        let report = run_one_on(engine, test, &broken, BASE_SEED);
+        if std::env::var_os("DEBUG_BROKEN").is_some() {
+            eprintln!("--- {} ---\n{}\n{}", engine.name(), report.summary(), report.timeline());
+            for r in report.requests.iter().filter(|r| !r.ok()) {
+                eprintln!("{r:?}");
+            }
         }
+        out.push((engine, sound, report.violations));
     }
-    (sound, report.violations)
+    out
 }
 
 fn base(name: &str, duration_ms: u64) -> ScenarioBuilder {
@@ -45,9 +51,10 @@ fn a_request_dropped_unanswered_breaks_answered_by_deadline() {
         .tuning(Tuning { request_deadline_ms: 7000, ..Tuning::default() })
         .build()
         .unwrap();
-    let (sound, broken) = with_and_without("dropped_requests", s, Defect::DropJoiningRequests);
-    assert!(sound.is_empty(), "{sound:#?}");
-    assert!(broken.iter().any(|v| v.contains("no answer by their deadline")), "{broken:#?}");
+    for (engine, sound, broken) in with_and_without("dropped_requests", s, Defect::DropJoiningRequests) {
+        assert!(sound.is_empty(), "{engine:?}: {sound:#?}");
+        assert!(broken.iter().any(|v| v.contains("no answer by their deadline")), "{engine:?}: {broken:#?}");
+    }
 }
 
 #[test]
@@ -63,9 +70,10 @@ fn using_instances_over_the_hard_limit_breaks_the_selection_check() {
         .invariants(Invariants { no_hard_violating_selection: true, ..Invariants::default() })
         .build()
         .unwrap();
-    let (sound, broken) = with_and_without("over_hard", s, Defect::IgnoreHardLimit);
-    assert!(sound.is_empty(), "{sound:#?}");
-    assert!(broken.iter().any(|v| v.contains("selected over the hard limit")), "{broken:#?}");
+    for (engine, sound, broken) in with_and_without("over_hard", s, Defect::IgnoreHardLimit) {
+        assert!(sound.is_empty(), "{engine:?}: {sound:#?}");
+        assert!(broken.iter().any(|v| v.contains("selected over the hard limit")), "{engine:?}: {broken:#?}");
+    }
 }
 
 #[test]
@@ -80,10 +88,11 @@ fn starting_an_instance_per_request_breaks_the_allocation_bounds() {
         .invariants(Invariants { bounded_allocations: true, ..Invariants::default() })
         .build()
         .unwrap();
-    let (sound, broken) = with_and_without("start_per_request", s, Defect::StartPerRequest);
-    assert!(sound.is_empty(), "{sound:#?}");
-    assert!(broken.iter().any(|v| v.contains("instances of hello within")), "the window bound: {broken:#?}");
-    assert!(broken.iter().any(|v| v.contains("runs 2 instances of hello")), "one live instance: {broken:#?}");
+    for (engine, sound, broken) in with_and_without("start_per_request", s, Defect::StartPerRequest) {
+        assert!(sound.is_empty(), "{engine:?}: {sound:#?}");
+        assert!(broken.iter().any(|v| v.contains("instances of hello within")), "{engine:?}: window: {broken:#?}");
+        assert!(broken.iter().any(|v| v.contains("runs 2 instances of hello")), "{engine:?}: one live: {broken:#?}");
+    }
 }
 
 #[test]
@@ -100,7 +109,8 @@ fn ejecting_for_good_breaks_recovery() {
         .tuning(Tuning { request_deadline_ms: 4000, ..Tuning::default() })
         .build()
         .unwrap();
-    let (sound, broken) = with_and_without("eject_forever", s, Defect::EjectForever);
-    assert!(sound.is_empty(), "{sound:#?}");
-    assert!(broken.iter().any(|v| v.contains("still failing")), "{broken:#?}");
+    for (engine, sound, broken) in with_and_without("eject_forever", s, Defect::EjectForever) {
+        assert!(sound.is_empty(), "{engine:?}: {sound:#?}");
+        assert!(broken.iter().any(|v| v.contains("still failing")), "{engine:?}: {broken:#?}");
+    }
 }

@@ -41,8 +41,9 @@ fn healthy(r: &Report, cost: &CostSummary) {
     assert!(r.violations.is_empty(), "{:?}", r.violations);
     let f = &r.figures;
     assert!(f.ok * 100 >= f.sent * 99, "at least 99 % succeed: {}", r.figures_text());
-    // The provider cap (20 per key and responder) bounds the allocators a client probes.
-    assert!(cost.probes_max <= 40, "at most {} allocators probed", cost.probes_max);
+    // The provider cap (20 per key and responder) bounds the allocators a client probes:
+    // the responders' first 20 overlap, so a lookup's union stays a few times the cap.
+    assert!(cost.probes_max <= 80, "at most {} allocators probed", cost.probes_max);
     assert!(cost.lookups > 0 && cost.allocations > 0);
 }
 
@@ -134,4 +135,93 @@ fn turmoil_and_the_event_driven_engine_decide_alike() {
     // tick and carries real HTTP over TCP), by a few milliseconds at p50.
     let (a, b) = (full.figures.p50, des.figures.p50);
     assert!(a.abs_diff(b) < secs(1) / 100, "p50 turmoil {a:?} des {b:?}");
+}
+
+#[test]
+#[ignore = "benchmark: cargo test -p sim-tests --release --test scale cost_per_simulated_second -- --ignored --nocapture"]
+fn cost_per_simulated_second() {
+    // What one simulated second costs on the event-driven engine, against nodes ×
+    // traffic (requests per second over the whole cluster): printed, not asserted.
+    let sizes: Vec<usize> = std::env::var("SIM_SIZES")
+        .map(|v| v.split(',').map(|x| x.trim().parse().expect("a size")).collect())
+        .unwrap_or_else(|_| vec![10, 100, 1000]);
+    println!("| nodes | requests/s | nodes × requests/s | events | messages | wall (s) | wall ms per simulated s | µs per simulated s per node × request/s | allocators serving, of |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for n in sizes {
+        let s = scenario_file(n);
+        let traffic: f64 = s.workloads.iter().map(|w| w.rate_per_s).sum();
+        let r = run_des(&s, 1).expect("run");
+        let dht = r.dht.as_ref().expect("des stats");
+        let per_sim_s = r.wall.as_secs_f64() / r.simulated.as_secs_f64();
+        let load = n as f64 * traffic;
+        let serving: std::collections::BTreeSet<&str> = decisions_hosts(&r);
+        println!(
+            "| {n} | {traffic:.0} | {load:.0} | {} | {} | {:.2} | {:.2} | {:.3} | {} of {} |",
+            dht.events,
+            dht.messages,
+            r.wall.as_secs_f64(),
+            per_sim_s * 1e3,
+            per_sim_s * 1e6 / load,
+            serving.len(),
+            s.allocators().len()
+        );
+    }
+}
+
+/// The hosts whose instances served a request.
+fn decisions_hosts(r: &Report) -> std::collections::BTreeSet<&str> {
+    r.requests
+        .iter()
+        .filter_map(|q| match &q.fate {
+            Fate::Answered { served_by: Some(by), .. } => Some(host_of(by)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The RTTs the client measured to the instances it selected, in µs.
+fn selected_rtts_us(r: &Report) -> Vec<u128> {
+    r.records()
+        .into_iter()
+        .filter_map(|x| match x.kind {
+            physarum_net_sim::trace::Kind::Core(physarum_core::io::Event::Selected { rtt, .. }) => {
+                Some(rtt.as_micros())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn turmoil_resolves_whole_milliseconds_and_the_event_driven_engine_microseconds() {
+    // One client, one allocator 0.4 ms away (RTT). turmoil 0.7 runs each host's tick
+    // as a tokio sleep, and tokio's timers have 1 ms granularity: every one-way delay
+    // ends on a whole millisecond, so the client measures 2 ms (0.2 ms each way,
+    // rounded up), with the default 1 ms tick and with a 100 µs one alike. The
+    // event-driven engine measures the 0.4 ms. (This pins what README and
+    // scenarios/README.md say about the engines' resolution.)
+    let at_tick = |tick_us: u64| {
+        ScenarioBuilder::new("resolution", 8_000)
+            .tick_us(tick_us)
+            .service("echo", 5, 50)
+            .bootstrap("boot1")
+            .registry("reg")
+            .allocator("alloc1")
+            .client("c1")
+            .link("c1", "alloc1", 0.4)
+            .requests("c1", "echo", 2000, 4000, 2.0)
+            .build()
+            .unwrap()
+    };
+    let measured = |r: &Report| {
+        let rtts = selected_rtts_us(r);
+        assert!(!rtts.is_empty(), "nothing selected: {}", r.summary());
+        rtts
+    };
+    let coarse = measured(&run_one("resolution_turmoil_1ms", &at_tick(1000), 1));
+    let fine_tick = measured(&run_one("resolution_turmoil_100us", &at_tick(100), 1));
+    let des = measured(&run_des(&at_tick(1000), 1).expect("des run"));
+    assert!(coarse.iter().all(|&us| us == 2000), "turmoil, 1 ms tick: {coarse:?}");
+    assert!(fine_tick.iter().all(|&us| us == 2000), "turmoil, 100 µs tick: {fine_tick:?}");
+    assert!(des.iter().all(|&us| us == 400), "event-driven: {des:?}");
 }

@@ -6,8 +6,9 @@
 //! a routing table of k-buckets; α-parallel iterative `FIND_NODE` / `GET_PROVIDERS`
 //! lookups whose RPCs each time out on their own ([`lookup`]); `ADD_PROVIDER` to the
 //! k closest nodes that answered a lookup of the key; provider records that expire
-//! after production's TTL unless re-advertised, at most a number per key (the closest
-//! to the key kept, as libp2p's memory store does) and in total ([`store`]); an
+//! after production's TTL unless re-advertised, at most a number per key (the first to
+//! arrive kept, newcomers to a full key ignored, as libp2p-kad 0.49's memory store
+//! does) and in total ([`store`]); an
 //! address book apart from the records (a record names a peer; the addresses come
 //! from the book of whoever answers).
 //!
@@ -20,11 +21,13 @@
 pub mod key;
 pub mod lookup;
 pub mod store;
+pub mod sync;
 pub mod table;
 
 pub use key::{Distance, Key};
 pub use lookup::{Lookup, LookupStep};
 pub use store::ProviderStore;
+pub use sync::{LookupResult, SyncCluster};
 pub use table::RoutingTable;
 
 use physarum_core::types::{DhtKey, PeerAddr, PeerId};
@@ -164,7 +167,7 @@ impl KadNode {
             }
             Rpc::AddProvider { key, provider } => {
                 self.saw(&provider, false);
-                self.store.put(key, provider.peer, now_us + ttl_us);
+                self.store.put(key, provider.peer, now_us, now_us + ttl_us);
                 RpcAnswer::default()
             }
         }

@@ -1,5 +1,6 @@
-//! Provider records of one node: per key, the providers closest to the key (by XOR)
-//! up to a cap, each until its expiry; a cap on records in total.
+//! Provider records of one node: per key, the first providers to arrive up to a cap
+//! (as libp2p-kad's memory store keeps them), each until its expiry; a cap on
+//! records in total.
 
 use super::key::Key;
 use physarum_core::types::PeerId;
@@ -9,7 +10,7 @@ use std::collections::BTreeMap;
 pub struct ProviderStore {
     per_key: usize,
     max_records: usize,
-    /// Providers of each key, closest to the key first, with their expiry (µs).
+    /// Providers of each key, in the order they arrived, with their expiry (µs).
     records: BTreeMap<Key, Vec<(PeerId, u64)>>,
 }
 
@@ -18,29 +19,26 @@ impl ProviderStore {
         ProviderStore { per_key: per_key.max(1), max_records, records: BTreeMap::new() }
     }
 
-    /// Store or refresh `provider` of `key` until `expires`. A new provider beyond the
-    /// per-key cap replaces the farthest one if it is closer to the key, else is dropped.
-    pub fn put(&mut self, key: Key, provider: PeerId, expires: u64) {
-        if let Some(list) = self.records.get_mut(&key) {
-            if let Some(slot) = list.iter_mut().find(|(p, _)| *p == provider) {
-                slot.1 = slot.1.max(expires);
-                return;
-            }
-        }
-        if self.len() >= self.max_records {
-            return;
-        }
+    /// Store or refresh `provider` of `key` at `now` until `expires`. As libp2p-kad's
+    /// memory store (0.49): a refresh replaces the record; a new provider of a key
+    /// that already has `per_key` unexpired providers is ignored (first come, first
+    /// kept: flooding a key with providers cannot push out those it has).
+    pub fn put(&mut self, key: Key, provider: PeerId, now: u64, expires: u64) {
+        let mut total = self.len();
         let list = self.records.entry(key).or_default();
-        let d = Key::of_peer(&provider).distance(&key);
-        let at = list.iter().position(|(p, _)| d < Key::of_peer(p).distance(&key)).unwrap_or(list.len());
-        if at >= self.per_key {
-            return;
+        let before = list.len();
+        list.retain(|(_, e)| *e > now);
+        total -= before - list.len();
+        if let Some(slot) = list.iter_mut().find(|(p, _)| *p == provider) {
+            slot.1 = expires;
+        } else if list.len() < self.per_key && total < self.max_records {
+            list.push((provider, expires));
+        } else if list.is_empty() {
+            self.records.remove(&key);
         }
-        list.insert(at, (provider, expires));
-        list.truncate(self.per_key);
     }
 
-    /// Unexpired providers of `key` at `now`, closest to the key first.
+    /// Unexpired providers of `key` at `now`, in the order they arrived.
     pub fn get(&self, key: &Key, now: u64) -> Vec<PeerId> {
         self.records
             .get(key)

@@ -1,67 +1,16 @@
 use super::*;
-use std::collections::BTreeSet;
 
 fn addr(i: usize) -> PeerAddr {
     PeerAddr::new(format!("n{i}"), vec![format!("h{i}:7000")])
 }
 
-/// Run one lookup to the end, answering RPCs at once; peers in `dead` never answer.
-fn lookup(
-    nodes: &mut BTreeMap<PeerId, KadNode>,
-    from: &PeerId,
-    rpc: &Rpc,
-    dead: &BTreeSet<PeerId>,
-) -> (Vec<PeerAddr>, Vec<PeerAddr>, Lookup) {
-    let target = match rpc {
-        Rpc::FindNode(t) => *t,
-        Rpc::GetProviders { key } | Rpc::AddProvider { key, .. } => *key,
-    };
-    let me = nodes[from].me.clone();
-    let k = nodes[from].config().k;
-    let seeds = nodes[from].closest(&target, k);
-    let mut l = Lookup::new(target, seeds, k, 3);
-    let mut providers = Vec::new();
-    loop {
-        match l.step() {
-            LookupStep::Ask(peers) => {
-                for p in peers {
-                    if dead.contains(&p.peer) {
-                        l.failed(&p.peer);
-                        nodes.get_mut(from).unwrap().failed(&p.peer);
-                        continue;
-                    }
-                    let answer = nodes.get_mut(&p.peer).unwrap().answer(0, 1_000_000, &me, rpc.clone());
-                    let n = nodes.get_mut(from).unwrap();
-                    n.saw(&p, true);
-                    for c in &answer.closer {
-                        n.saw(c, false);
-                    }
-                    providers.extend(answer.providers);
-                    l.answered(&p.peer, answer.closer);
-                }
-            }
-            LookupStep::Wait => unreachable!("answers are synchronous"),
-            LookupStep::Done(closest) => return (closest, providers, l),
-        }
-    }
-}
-
 /// `n` nodes joined one after another through node 0 (FIND_NODE of their own key).
-fn network(n: usize) -> BTreeMap<PeerId, KadNode> {
-    let mut nodes = BTreeMap::new();
+fn network(n: usize) -> SyncCluster {
+    let mut c = SyncCluster::new(KadConfig::default());
     for i in 0..n {
-        let mut node = KadNode::new(addr(i), KadConfig::default());
-        if i > 0 {
-            node.saw(&addr(0), true);
-        }
-        let id = node.me.peer.clone();
-        let key = node.key;
-        nodes.insert(id.clone(), node);
-        if i > 0 {
-            lookup(&mut nodes, &id, &Rpc::FindNode(key), &BTreeSet::new());
-        }
+        c.join(addr(i), (i > 0).then(|| addr(0)).as_ref());
     }
-    nodes
+    c
 }
 
 fn true_closest(n: usize, target: &Key, k: usize) -> Vec<PeerId> {
@@ -111,8 +60,8 @@ fn lookups_find_the_true_k_closest_in_few_hops() {
         let mut nodes = network(n);
         let target = dht_key(&DhtKey::Allocators);
         let from = addr(n - 1).peer;
-        let (closest, _, l) = lookup(&mut nodes, &from, &Rpc::FindNode(target), &BTreeSet::new());
-        let got: Vec<PeerId> = closest.into_iter().map(|p| p.peer).collect();
+        let l = nodes.lookup(&from, &Rpc::FindNode(target));
+        let got: Vec<PeerId> = l.closest.into_iter().map(|p| p.peer).collect();
         let mut want = true_closest(n, &target, 20);
         want.retain(|p| *p != from);
         let found = want.iter().filter(|p| got.contains(p)).count();
@@ -129,10 +78,10 @@ fn providers_are_stored_on_the_k_closest_and_found_around_dead_nodes() {
     let mut nodes = network(n);
     let key = dht_key(&DhtKey::Allocators);
     let provider = addr(7);
-    let (closest, _, _) = lookup(&mut nodes, &provider.peer, &Rpc::FindNode(key), &BTreeSet::new());
+    let closest = nodes.lookup(&provider.peer, &Rpc::FindNode(key)).closest;
     assert_eq!(closest.len(), 20);
     for c in &closest {
-        nodes.get_mut(&c.peer).unwrap().answer(
+        nodes.nodes.get_mut(&c.peer).unwrap().answer(
             0,
             1_000_000,
             &provider,
@@ -140,35 +89,40 @@ fn providers_are_stored_on_the_k_closest_and_found_around_dead_nodes() {
         );
     }
     // Half of the record holders die: a lookup from elsewhere still finds the provider.
-    let dead: BTreeSet<PeerId> = closest.iter().step_by(2).map(|p| p.peer.clone()).collect();
-    let (_, providers, _) = lookup(&mut nodes, &addr(150).peer, &Rpc::GetProviders { key }, &dead);
+    for p in closest.iter().step_by(2) {
+        nodes.kill(&p.peer);
+    }
+    let providers = nodes.lookup(&addr(150).peer, &Rpc::GetProviders { key }).providers;
     assert!(providers.contains(&provider), "{providers:?}");
     // All of them dead: nothing found (no single point holds the records).
-    let all: BTreeSet<PeerId> = closest.iter().map(|p| p.peer.clone()).collect();
-    let (_, providers, _) = lookup(&mut nodes, &addr(151).peer, &Rpc::GetProviders { key }, &all);
+    for p in &closest {
+        nodes.kill(&p.peer);
+    }
+    let providers = nodes.lookup(&addr(151).peer, &Rpc::GetProviders { key }).providers;
     assert!(providers.is_empty());
 }
 
 #[test]
-fn the_store_keeps_the_closest_providers_until_they_expire() {
+fn the_store_keeps_the_first_providers_until_they_expire() {
     let key = dht_key(&DhtKey::Allocators);
     let mut s = ProviderStore::new(3, 100);
     for i in 0..10 {
-        s.put(key, addr(i).peer, 1000);
+        s.put(key, addr(i).peer, 0, 1000);
     }
-    let mut want: Vec<(Distance, PeerId)> =
-        (0..10).map(|i| (Key::of_peer(&addr(i).peer).distance(&key), addr(i).peer)).collect();
-    want.sort();
-    let want: Vec<PeerId> = want.into_iter().take(3).map(|(_, p)| p).collect();
-    assert_eq!(s.get(&key, 0), want);
+    // As libp2p-kad's memory store: a full key ignores newcomers, whoever they are.
+    let first: Vec<PeerId> = (0..3).map(|i| addr(i).peer).collect();
+    assert_eq!(s.get(&key, 0), first);
     // A refresh extends; an expired record is not returned and is pruned.
-    s.put(key, want[0].clone(), 5000);
-    assert_eq!(s.get(&key, 2000), vec![want[0].clone()]);
-    s.prune(6000);
+    s.put(key, first[0].clone(), 0, 5000);
+    assert_eq!(s.get(&key, 2000), vec![first[0].clone()]);
+    // Expired records make room: a newcomer is kept again.
+    s.put(key, addr(9).peer, 2000, 6000);
+    assert_eq!(s.get(&key, 2000), vec![first[0].clone(), addr(9).peer]);
+    s.prune(7000);
     assert!(s.is_empty());
     let mut tiny = ProviderStore::new(20, 2);
     for i in 0..5 {
-        tiny.put(key, addr(i).peer, 1000);
+        tiny.put(key, addr(i).peer, 0, 1000);
     }
     assert_eq!(tiny.len(), 2, "the total cap holds");
 }
