@@ -13,21 +13,7 @@ use std::time::{Duration, Instant};
 /// Register `physarum SUBCOMMAND` as `name` (through a small wrapper script, as
 /// `register_hello` does: allocators hash the registered program before each start).
 fn register_demo(c: &Cluster, name: &str, subcommand: &str) {
-    let conf = c.dir.path().join(format!("{name}.json"));
-    let wrapper = c.dir.path().join(format!("{name}.sh"));
-    std::fs::write(&wrapper, format!("#!/bin/sh\nexec '{}' {subcommand} \"$@\"\n", bin("physarum").display())).unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    let text = format!(
-        r#"{{"Name": "{name}", "Exec": {{"Program": {:?}, "Args": []}}, "NetworkSoftReq": 100, "NetworkHardReq": 1000}}"#,
-        wrapper.display().to_string()
-    );
-    std::fs::write(&conf, text).unwrap();
-    let key = c.operator_key.display().to_string();
-    let (ok, out, err) = c.registry_cli(&["add", conf.to_str().unwrap(), "--operator-key", &key]);
-    assert!(ok, "registry add failed:\n{out}\n{err}\n{}", c.logs());
+    c.register_wrapped(name, &format!("{name}.sh"), &format!("'{}' {subcommand}", bin("physarum").display()));
 }
 
 /// Ask the proxy for a mapping; the address it opened.

@@ -597,9 +597,15 @@ impl Cluster {
     /// start, and a debug build of `hello` is ~170 MB (the `physarum dev` test
     /// registers a real binary).
     pub fn register_hello(&self, name: &str) {
+        self.register_wrapped(name, "hello.sh", &format!("'{}'", bin("hello").display()));
+    }
+
+    /// Register, signed by the operator, a service `name` whose program is the script
+    /// `wrapper` (in the cluster's directory) that execs `command` with its arguments.
+    pub fn register_wrapped(&self, name: &str, wrapper: &str, command: &str) {
         let conf = self.dir.path().join(format!("{name}.json"));
-        let wrapper = self.dir.path().join("hello.sh");
-        std::fs::write(&wrapper, format!("#!/bin/sh\nexec '{}' \"$@\"\n", bin("hello").display())).unwrap();
+        let wrapper = self.dir.path().join(wrapper);
+        std::fs::write(&wrapper, format!("#!/bin/sh\nexec {command} \"$@\"\n")).unwrap();
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
