@@ -585,9 +585,12 @@ impl Manager {
                 let service = name.to_string();
                 match result {
                     // An allocator that hands back an instance we ejected (it reuses its
-                    // running instance) cannot help: ask the next one.
+                    // running instance) cannot help: ask the next one. But when no
+                    // allocator is left to ask, ejection would turn one failed request into
+                    // an outage: as Envoy's panic routing, a fresh probe decides instead.
                     OpResult::Response(Response::Allocated { instance })
-                        if self.ejected.is_ejected(now, &instance.peer) =>
+                        if self.ejected.is_ejected(now, &instance.peer)
+                            && !self.last_resort(now, &instance.peer, next, order.len()) =>
                     {
                         let why = self.ejected.why(now, &instance.peer).unwrap_or_default();
                         let reason = format!("offered instance {}, which {why}", instance.peer);
@@ -607,6 +610,15 @@ impl Manager {
                         let token = self.token();
                         self.ops.insert(token, name.to_string());
                         let timeout = self.requirements_of(name).probe_timeout();
+                        if self.ejected.is_ejected(now, &instance.peer) {
+                            // The last resort: chosen only if it answers now.
+                            self.set_phase(
+                                name,
+                                Phase::Confirming { token, candidate: instance.clone(), then: Then::Choose },
+                            );
+                            self.out.push_back(ManagerOutput::Probe { token, peer: instance, timeout });
+                            return;
+                        }
                         if let Some(d) = self.discoveries.get_mut(name) {
                             d.allocated = true;
                         }
@@ -800,6 +812,15 @@ impl Manager {
         self.out.push_back(ManagerOutput::Probe { token, peer: m.peer, timeout });
     }
 
+    /// Whether an ejected instance that the last allocator of the round (`next` of
+    /// `allocators` asked) offers may be tried after a fresh probe: only one that failed
+    /// a request, never one that failed the trust check.
+    fn last_resort(&self, now: Instant, peer: &PeerId, next: usize, allocators: usize) -> bool {
+        next >= allocators
+            && !self.config.defects.eject_forever
+            && self.ejected.why(now, peer) == Some(FAILED_A_REQUEST)
+    }
+
     /// Ask `order[next]` for an instance; `last` is why the previous one refused.
     fn ask_next_allocator(&mut self, now: Instant, name: &str, order: Vec<Measured>, next: usize, last: String) {
         let Some(allocator) = order.get(next).map(|m| m.peer.clone()) else {
@@ -874,6 +895,7 @@ impl Manager {
     fn choose(&mut self, now: Instant, name: &str, instance: PeerAddr, rtt: Duration) {
         let Some(d) = self.discoveries.remove(name) else { return };
         let hash = d.info.hash.clone();
+        self.ejected.lift(&instance.peer);
         self.remember(d.info.clone());
         self.cache.insert(now, &hash, d.requirements, instance.clone(), rtt);
         self.out.push_back(ManagerOutput::Event(Event::Selected {

@@ -143,6 +143,11 @@ impl Ejections {
         self.until.get(peer).filter(|(t, _)| *t > now).map(|(_, why)| *why)
     }
 
+    /// End `peer`'s ejection now.
+    pub fn lift(&mut self, peer: &PeerId) {
+        self.until.remove(peer);
+    }
+
     pub fn prune(&mut self, now: Instant) {
         self.until.retain(|_, (t, _)| *t > now);
     }

@@ -314,16 +314,22 @@ fn a_failed_instance_is_ejected_and_the_retry_goes_elsewhere() {
     assert_eq!(w.routed_to(again).as_deref(), Some("other"));
     assert!(w.events().iter().any(|e| matches!(e, Event::Retried { .. })));
     assert!(w.events().iter().any(|e| matches!(e, Event::Evicted { peer, .. } if peer.0 == "hung")));
-    // Only `other` is left once it fails too; the allocator's offer of `hung` is refused as well.
+    // Once `other` fails too, the last allocator can only offer `hung`. Ejection must
+    // not become an outage (Envoy's panic routing): a fresh probe decides, and `hung`
+    // answers it, so it serves again.
     w.input(Input::RouteFailed { service: svc.hash.clone(), peer: PeerId("other".into()), reason: "reset".into() });
     let third = w.retry("svc", secs(5));
     w.run_for(secs(6));
-    let (code, reason) = status(&w, third);
+    assert_eq!(w.routed_to(third).as_deref(), Some("hung"), "{:?}", w.outcome(third));
+    // When it fails again and no longer answers probes, its offer is not taken: 503.
+    w.input(Input::RouteFailed { service: svc.hash.clone(), peer: PeerId("hung".into()), reason: "stalled".into() });
+    let now = w.now;
+    w.cut_from.insert(PeerId("hung".into()), now);
+    let fourth = w.request("svc", secs(5));
+    w.run_for(secs(6));
+    let (code, reason) = status(&w, fourth);
     assert_eq!(code, 503, "{reason}");
-    assert!(w
-        .events()
-        .iter()
-        .any(|e| matches!(e, Event::AllocationRefused { reason, .. } if reason.contains("failed a request recently"))));
+    assert!(reason.contains("hung no longer answers"), "{reason}");
 }
 
 #[test]
