@@ -50,23 +50,36 @@ struct EtcdCluster {
 }
 
 impl EtcdCluster {
+    /// Ports are picked free and bound by etcd only later, so another process may take
+    /// one meanwhile (an ephemeral source port): a cluster that does not come up is
+    /// started again on new ports, and the members' logs are shown if none does.
     fn start(dir: &Path) -> EtcdCluster {
-        let members: Vec<Member> = (0..3)
-            .map(|i| Member {
-                name: format!("etcd{i}"),
-                client: format!("127.0.0.1:{}", free_port()),
-                peer: format!("127.0.0.1:{}", free_port()),
-                data: dir.join(format!("etcd{i}.data")),
-                proc: None,
-            })
-            .collect();
-        let initial = members.iter().map(|m| format!("{}=http://{}", m.name, m.peer)).collect::<Vec<_>>().join(",");
-        let mut c = EtcdCluster { dir: dir.to_path_buf(), members, initial };
-        for i in 0..3 {
-            c.spawn(i);
+        let mut logs = String::new();
+        for attempt in 0..3 {
+            let members: Vec<Member> = (0..3)
+                .map(|i| Member {
+                    name: format!("etcd{i}"),
+                    client: format!("127.0.0.1:{}", free_port()),
+                    peer: format!("127.0.0.1:{}", free_port()),
+                    data: dir.join(format!("try{attempt}-etcd{i}.data")),
+                    proc: None,
+                })
+                .collect();
+            let initial = members.iter().map(|m| format!("{}=http://{}", m.name, m.peer)).collect::<Vec<_>>().join(",");
+            let mut c = EtcdCluster { dir: dir.to_path_buf(), members, initial };
+            for i in 0..3 {
+                c.spawn(i);
+            }
+            if c.healthy_within(&[0, 1, 2], Duration::from_secs(30)) {
+                return c;
+            }
+            for m in &c.members {
+                if let Some(p) = &m.proc {
+                    logs.push_str(&format!("--- try {attempt}, {}:\n{}\n", m.name, p.log_text()));
+                }
+            }
         }
-        c.wait_healthy(&[0, 1, 2]);
-        c
+        panic!("no 3-member etcd cluster came up in 3 tries\n{logs}");
     }
 
     fn spawn(&mut self, i: usize) {
@@ -94,14 +107,21 @@ impl EtcdCluster {
     }
 
     fn wait_healthy(&self, which: &[usize]) {
-        for &i in which {
+        assert!(self.healthy_within(which, Duration::from_secs(30)), "etcd members {which:?} are not healthy");
+    }
+
+    /// Whether the members `which` all answer a health check within `timeout`.
+    fn healthy_within(&self, which: &[usize], timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        which.iter().all(|&i| {
             let m = &self.members[i];
-            wait_for(&format!("etcd member {} to be healthy", m.name), Duration::from_secs(30), || {
+            poll_until(deadline.saturating_duration_since(Instant::now()), || {
                 let mut cmd = Command::new("etcdctl");
                 cmd.env("ETCDCTL_API", "3").arg("--endpoints").arg(&m.client).arg("endpoint").arg("health");
                 run_bounded(cmd, Duration::from_secs(5)).0.then_some(())
-            });
-        }
+            })
+            .is_some()
+        })
     }
 
     fn kill(&mut self, i: usize) {
