@@ -115,6 +115,16 @@ pub struct InstanceView {
 /// machine ask to be woken again and again at the same instant.
 const MIN_CULL_INTERVAL: Duration = Duration::from_millis(1);
 
+/// Failed starts remembered at most (see [`AllocatorConfig::failed_start_holdoff`]).
+const MAX_FAILED_STARTS: usize = 256;
+
+/// A start that failed recently: requests for the same service get its reason.
+struct FailedStart {
+    hash: crate::types::ContentHash,
+    until: Instant,
+    reason: String,
+}
+
 /// Requests waiting for the registry's answer about one service name.
 struct PendingResolve {
     waiters: Vec<InboundId>,
@@ -163,6 +173,8 @@ pub struct Allocator {
     queries: BTreeMap<u64, (InstanceId, Instant)>,
     /// Requests not answered yet (a repeated id is ignored while its first is open).
     open: BTreeSet<InboundId>,
+    /// Services whose start failed recently, by name.
+    failed_starts: BTreeMap<String, FailedStart>,
     outputs: VecDeque<AllocatorOutput>,
 }
 
@@ -180,6 +192,7 @@ impl Allocator {
             instances: BTreeMap::new(),
             queries: BTreeMap::new(),
             open: BTreeSet::new(),
+            failed_starts: BTreeMap::new(),
             outputs: VecDeque::new(),
         }
     }
@@ -192,10 +205,16 @@ impl Allocator {
             AllocatorInput::Resolved { service, result } => self.on_resolved(now, service, result),
             AllocatorInput::InstanceStarted { instance, peer } => self.on_started(now, instance, peer),
             AllocatorInput::InstanceFailed { instance, reason } => {
-                self.on_gone(instance, format!("instance failed to start: {reason}"), reason)
+                let refusal = format!("instance failed to start: {reason}");
+                if let Some(service) = self.on_gone(instance, refusal.clone(), reason) {
+                    self.hold_off(now, &service, refusal);
+                }
             }
             AllocatorInput::InstanceExited { instance } => {
-                self.on_gone(instance, "instance exited before it was up".to_string(), "instance exited".to_string())
+                let refusal = "instance exited before it was up".to_string();
+                if let Some(service) = self.on_gone(instance, refusal.clone(), "instance exited".to_string()) {
+                    self.hold_off(now, &service, refusal);
+                }
             }
             AllocatorInput::IdleAnswer { token, result } => self.on_idle_answer(token, result),
             AllocatorInput::Adopted { instance, service, peer } => self.on_adopted(now, instance, service, peer),
@@ -234,6 +253,7 @@ impl Allocator {
                     self.refuse(id, reason.clone());
                 }
             }
+            self.hold_off(now, &inst.service, reason.clone());
             self.event(Event::InstanceGone { instance, service: inst.service.name, reason });
         }
 
@@ -362,6 +382,12 @@ impl Allocator {
             }
             return;
         }
+        if let Some(f) = self.failed_starts.get(&info.name).filter(|f| f.until > now && f.hash == info.hash) {
+            let left = f.until.saturating_since(now).as_millis();
+            let reason = format!("{} (not started again for another {left} ms)", f.reason);
+            self.refuse(id, reason);
+            return;
+        }
         if let Err(reason) = self.check_admission(info).and_then(|()| self.check_capacity(info)) {
             self.refuse(id, reason);
             return;
@@ -463,22 +489,44 @@ impl Allocator {
 
     /// The instance failed or exited: `refusal` for requests still waiting on its
     /// start, `reason` for the event.
-    fn on_gone(&mut self, instance: InstanceId, refusal: String, reason: String) {
-        let Some(inst) = self.instances.remove(&instance) else { return };
+    /// `instance` is gone; its waiters are refused with `refusal`. Returns its service
+    /// when it was gone before it was up (a failed start).
+    fn on_gone(&mut self, instance: InstanceId, refusal: String, reason: String) -> Option<ServiceInfo> {
+        let inst = self.instances.remove(&instance)?;
         self.queries.retain(|_, (i, _)| *i != instance);
-        match inst.state {
+        let starting = match inst.state {
             InstanceState::Starting { waiters, .. } | InstanceState::Certifying { waiters, .. } => {
                 for id in waiters {
                     self.refuse(id, refusal.clone());
                 }
+                true
             }
             InstanceState::Up { query, .. } => {
                 if let Some(token) = query {
                     self.queries.remove(&token);
                 }
+                false
+            }
+        };
+        self.event(Event::InstanceGone { instance, service: inst.service.name.clone(), reason });
+        starting.then_some(inst.service)
+    }
+
+    /// A start of `service` failed with `reason`: remember it for the hold-off.
+    fn hold_off(&mut self, now: Instant, service: &ServiceInfo, reason: String) {
+        let holdoff = self.config.failed_start_holdoff;
+        if holdoff.is_zero() {
+            return;
+        }
+        self.failed_starts.retain(|_, f| f.until > now);
+        if !self.failed_starts.contains_key(&service.name) && self.failed_starts.len() >= MAX_FAILED_STARTS {
+            let first = self.failed_starts.iter().min_by_key(|(_, f)| f.until).map(|(n, _)| n.clone());
+            if let Some(first) = first {
+                self.failed_starts.remove(&first);
             }
         }
-        self.event(Event::InstanceGone { instance, service: inst.service.name, reason });
+        let failed = FailedStart { hash: service.hash.clone(), until: now + holdoff, reason };
+        self.failed_starts.insert(service.name.clone(), failed);
     }
 
     fn on_idle_answer(&mut self, token: u64, result: Result<u64, String>) {
@@ -889,6 +937,35 @@ mod tests {
         // A late success for the forgotten instance is ignored.
         a.handle_input(at(3), AllocatorInput::InstanceStarted { instance, peer: addr("late") });
         assert!(drain(&mut a).is_empty());
+    }
+
+    #[test]
+    fn a_failed_start_is_not_tried_again_within_the_holdoff() {
+        let config = AllocatorConfig { failed_start_holdoff: Duration::from_secs(2), ..AllocatorConfig::default() };
+        let mut a = new_alloc(config);
+        let svc = info("web", 500, 256);
+        let instance = start_one(&mut a, at(0), 1, &svc);
+        a.handle_input(at(1), AllocatorInput::InstanceFailed { instance, reason: "exited with status 3".into() });
+        drain(&mut a);
+        // A copy of the request, or another client, within the hold-off: the same
+        // failure at once, and no second start.
+        request(&mut a, at(2), 2, "web");
+        resolve(&mut a, at(2), "web", Ok(Some(svc.clone())));
+        let outs = drain(&mut a);
+        assert!(starts(&outs).is_empty(), "{outs:?}");
+        assert!(refused_with(&outs, 2, "exited with status 3"), "{outs:?}");
+        // Another service, or the same name with another hash, is not held off.
+        start_one(&mut a, at(2), 3, &info("api", 500, 256));
+        let mut changed = svc.clone();
+        changed.hash = ContentHash("web-v2".into());
+        start_one(&mut a, at(2), 4, &changed);
+        // After the hold-off the service is started again.
+        let mut a =
+            new_alloc(AllocatorConfig { failed_start_holdoff: Duration::from_secs(2), ..AllocatorConfig::default() });
+        let instance = start_one(&mut a, at(0), 1, &svc);
+        a.handle_input(at(1), AllocatorInput::InstanceFailed { instance, reason: "boom".into() });
+        drain(&mut a);
+        start_one(&mut a, at(3), 2, &svc);
     }
 
     #[test]

@@ -311,6 +311,10 @@ pub struct AllocatorConfig {
     pub idle_limit: Duration,
     /// An instance that has not reported itself started by then is given up on.
     pub start_timeout: Duration,
+    /// After a start of a service fails, requests for it within this time get that
+    /// failure at once instead of another start: the copies of one request, and many
+    /// clients asking for a broken service, cost one start (zero turns this off).
+    pub failed_start_holdoff: Duration,
     /// How long an idle query may take before it counts as failed.
     pub idle_query_timeout: Duration,
     /// Directories whose programs `Exec` services may run (none: no programs run).
@@ -328,6 +332,7 @@ impl Default for AllocatorConfig {
             cull_interval: Duration::from_secs(60),
             idle_limit: Duration::from_secs(60),
             start_timeout: Duration::from_secs(30),
+            failed_start_holdoff: Duration::from_secs(1),
             idle_query_timeout: Duration::from_secs(5),
             exec_roots: Vec::new(),
             defects: Defects::default(),
