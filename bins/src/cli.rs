@@ -33,6 +33,23 @@ pub struct NetArgs {
     /// added to the config file's "Operators"
     #[arg(long = "operator", value_name = "PUBKEY", value_parser = parse_public_key)]
     pub operator: Vec<PublicKey>,
+    /// TCP port on the listen address's IP where peers open tunnels to this node, each
+    /// on a connection of its own (secured like the P2P connections); 0: any free
+    /// port; "off": tunnels run inside the P2P connection (slower; for firewalls that
+    /// admit only the P2P port). Peers without one are reached that way anyway
+    #[arg(long, value_name = "PORT|off", default_value = "0", value_parser = parse_tunnel_port)]
+    pub tunnel_port: TunnelPort,
+}
+
+/// `--tunnel-port`: a port (0: any), or no data plane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TunnelPort(pub Option<u16>);
+
+pub fn parse_tunnel_port(s: &str) -> Result<TunnelPort, String> {
+    match s {
+        "off" => Ok(TunnelPort(None)),
+        port => port.parse().map(|p| TunnelPort(Some(p))).map_err(|_| format!("{s:?} is neither a TCP port nor \"off\"")),
+    }
 }
 
 /// The LCA allocator: starts instances of registered services on this machine

@@ -30,6 +30,8 @@ pub struct Prepared {
     pub psk: Option<String>,
     pub keypair: Keypair,
     pub listen: Multiaddr,
+    /// `--tunnel-port`: where peers open tunnels on connections of their own (`None`: off).
+    pub tunnel_port: Option<u16>,
     pub bootstrap_attempts: u32,
     /// conf.json's "Operators" and every --operator.
     pub operators: Operators,
@@ -96,6 +98,7 @@ pub fn prepare(net: &NetArgs, key_default: KeyDefault, default_listen: &str) -> 
         psk,
         keypair,
         listen,
+        tunnel_port: net.tunnel_port.0,
         bootstrap_attempts: net.bootstrap_attempts,
         operators,
     })
@@ -109,6 +112,7 @@ impl Prepared {
         opts.bootstraps = self.bootstraps.clone();
         opts.psk = self.psk.clone();
         opts.backoff.startup_attempts = self.bootstrap_attempts;
+        opts.data_plane_port = self.tunnel_port;
         opts
     }
 
@@ -184,6 +188,10 @@ pub async fn start_network(prepared: &Prepared, opts: P2pOptions) -> Result<(P2p
     );
     for a in p2p.dial_addrs() {
         tracing::info!("Dial this node at {a}");
+    }
+    match p2p.data_plane_addr() {
+        Some(addr) => tracing::info!("Peers open tunnels to this node on connections of their own at {addr}"),
+        None => tracing::info!("Tunnels to this node run inside its P2P connections (--tunnel-port off)"),
     }
     Ok((p2p, inbound))
 }

@@ -38,7 +38,7 @@ struct Daemon {
 }
 
 pub(crate) fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?.local_addr()?.port())
+    physarum_net_real::ports::free_port([127, 0, 0, 1].into()).context("cannot find a free port")
 }
 
 pub(crate) fn local(port: u16) -> SocketAddr {

@@ -446,6 +446,8 @@ impl Node {
                     None => Response::Error { reason: "this node is neither an allocator nor an instance".into() },
                 }));
             }
+            // A transport with a data plane answers this before it reaches the core.
+            Request::TunnelEndpoint => self.out.push_back(reply(Response::TunnelEndpoint { port: None })),
             Request::Ping { nonce } => match self.manager.unhealthy() {
                 Some(reason) => self.out.push_back(reply(Response::Error { reason })),
                 None => self.out.push_back(reply(Response::Pong { nonce })),

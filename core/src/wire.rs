@@ -50,6 +50,9 @@ pub enum Request {
     /// How loaded are you? (asked by placement policies that weigh load; appended
     /// last so that every earlier message keeps its encoding).
     Load,
+    /// Where do you take tunnels on connections of their own (the data plane)?
+    /// Answered by transports that have one; the core answers that it has none.
+    TunnelEndpoint,
 }
 
 /// The answer to a [`Request`].
@@ -89,6 +92,11 @@ pub enum Response {
     /// `Load`: an allocator's instances and capacity, or an instance's requests.
     Load {
         load: crate::placement::Load,
+    },
+    /// `TunnelEndpoint`: the data plane's TCP port on the address this peer is
+    /// reached at, or `None` when tunnels only run on the swarm.
+    TunnelEndpoint {
+        port: Option<u16>,
     },
 }
 
@@ -357,6 +365,7 @@ mod tests {
                 .prop_map(|credentials| Request::IdleQuery { credentials }),
             any::<u64>().prop_map(|nonce| Request::Ping { nonce }),
             Just(Request::Load),
+            Just(Request::TunnelEndpoint),
         ]
     }
 
@@ -373,6 +382,7 @@ mod tests {
             (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(running, capacity, recent)| Response::Load {
                 load: crate::placement::Load { running, capacity, recent }
             }),
+            proptest::option::of(any::<u16>()).prop_map(|port| Response::TunnelEndpoint { port }),
             arb_string().prop_map(|reason| Response::Error { reason }),
         ]
     }

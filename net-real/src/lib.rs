@@ -28,12 +28,14 @@
 //! p2p.clone(), inbound, runtime_config)….spawn()` inside a `LocalSet`.
 
 mod codec;
+mod direct;
 mod event_log;
 mod inbound;
 mod p2p;
 mod run;
 
 pub use codec::{WireCodec, RR_PROTOCOL};
+pub use direct::{TunnelIo, MAX_DIRECT_CONNECTIONS};
 pub use p2p::{
     psk_from_passphrase, record_key, Backoff, FindCost, P2p, P2pOptions, TunnelStream, IDENTIFY_VERSION, KAD_PROTOCOL,
     KEEPALIVE_PROTOCOL, TUNNEL_PROTOCOL,
@@ -44,3 +46,4 @@ pub use run::{run_node, NodeOptions};
 pub mod driver;
 pub mod keyfile;
 pub mod metrics;
+pub mod ports;

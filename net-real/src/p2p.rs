@@ -10,6 +10,7 @@
 //! for keep-alive streams to bootstraps.
 
 use crate::codec::{WireCodec, RR_PROTOCOL};
+use crate::direct::{self, DirectKeys, Route, Routes, TunnelIo};
 use crate::inbound::AcceptStreams;
 use anyhow::{anyhow, Context as _};
 use futures::stream::FuturesUnordered;
@@ -31,6 +32,7 @@ use sha3::Digest;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -47,18 +49,19 @@ pub const KEEPALIVE_PROTOCOL: StreamProtocol = StreamProtocol::new("/physarum/ke
 /// Identify protocol version string.
 pub const IDENTIFY_VERSION: &str = "/physarum/1.0.0";
 
-/// A tunnel stream as the runtime sees it: tokio I/O over a libp2p stream, read
-/// through a buffer of its own. futures-io reads need initialised memory, so the
-/// compat layer zeroes whatever fresh buffer it is handed: hyper hands it one of
-/// 8 KiB or more per read, which showed in the profile as memset. The buffer is
-/// zeroed once per stream instead, and larger than hyper's reads so they go through it.
-pub type TunnelStream = tokio::io::BufReader<Compat<libp2p::Stream>>;
+/// A tunnel stream as the runtime sees it: tokio I/O over a data-plane connection or
+/// a libp2p stream (see `direct`), read through a buffer of its own. futures-io
+/// reads need initialised memory, so the compat layer zeroes whatever fresh buffer
+/// it is handed: hyper hands it one of 8 KiB or more per read, which showed in the
+/// profile as memset. The buffer is zeroed once per stream instead, and larger than
+/// hyper's reads so they go through it.
+pub type TunnelStream = tokio::io::BufReader<Compat<TunnelIo>>;
 
 /// The read buffer of each tunnel stream.
 const TUNNEL_READ_BUFFER: usize = 16 * 1024;
 
-fn tunnel_stream(stream: libp2p::Stream) -> TunnelStream {
-    tokio::io::BufReader::with_capacity(TUNNEL_READ_BUFFER, stream.compat())
+fn tunnel_stream(io: TunnelIo) -> TunnelStream {
+    tokio::io::BufReader::with_capacity(TUNNEL_READ_BUFFER, io.compat())
 }
 
 /// The 32-byte private-network key for a passphrase: SHA3-256 of it (as the original).
@@ -106,6 +109,13 @@ pub struct P2pOptions {
     /// Pass pings on to the node rather than answering them here: a sidecar's answer
     /// then says whether its application answers, not only whether the sidecar runs.
     pub pings_to_node: bool,
+    /// The data plane (see `direct`): take tunnels on connections of their own at
+    /// this TCP port (0: any) on the first listen address's IP. `None`: tunnels
+    /// only on the swarm. Dialing peers' data planes needs no listener of one's own.
+    pub data_plane_port: Option<u16>,
+    /// Opening a tunnel on a peer's data plane (connect and handshakes) must finish
+    /// within this, or the tunnel goes over the swarm.
+    pub data_plane_dial_timeout: Duration,
 }
 
 impl P2pOptions {
@@ -126,6 +136,8 @@ impl P2pOptions {
             kad_rpc_timeout: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(5),
             pings_to_node: false,
+            data_plane_port: Some(0),
+            data_plane_dial_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -160,6 +172,8 @@ enum Cmd {
     Advertise { key: kad::RecordKey, reply: Reply<()> },
     Connect { peer: PeerId, addrs: Vec<Multiaddr>, reply: Reply<()> },
     Request { peer: PeerId, addrs: Vec<Multiaddr>, request: Request, reply: Reply<Response> },
+    /// The IP address a connection to `peer` runs over.
+    RemoteIp { peer: PeerId, reply: Reply<IpAddr> },
 }
 
 /// Aborts the network's tasks when the last handle goes.
@@ -182,6 +196,11 @@ pub struct P2p {
     local: PeerId,
     listen_addrs: Arc<Vec<Multiaddr>>,
     peers: Arc<Mutex<BTreeMap<PeerId, Option<Duration>>>>,
+    /// How each peer's tunnels are reached.
+    routes: Arc<Mutex<Routes>>,
+    keys: DirectKeys,
+    data_plane: Option<SocketAddr>,
+    dial_timeout: Duration,
     _tasks: Arc<Tasks>,
 }
 
@@ -313,7 +332,7 @@ impl P2p {
         let tunnels = senders.tunnels.clone();
         tasks.push(tokio::spawn(async move {
             while let Some((peer, stream)) = incoming.recv().await {
-                let t = InboundTunnel { from: core_peer(&peer), stream: tunnel_stream(stream) };
+                let t = InboundTunnel { from: core_peer(&peer), stream: tunnel_stream(TunnelIo::Swarm(stream)) };
                 if tunnels.send(t).is_err() {
                     break;
                 }
@@ -324,6 +343,26 @@ impl P2p {
                 tokio::spawn(hold_stream(stream));
             }
         }));
+
+        let keys = DirectKeys { keypair: opts.keypair.clone(), psk: opts.psk.as_deref().map(psk_from_passphrase) };
+        let data_plane = match opts.data_plane_port {
+            Some(port) => {
+                let ip = opts.listen.iter().find_map(ip_of).unwrap_or(IpAddr::from([0, 0, 0, 0]));
+                let bind = SocketAddr::new(ip, port);
+                let (bound, accept) = direct::listen(
+                    bind,
+                    keys.clone(),
+                    opts.handshake_timeout,
+                    tunnel_stream,
+                    senders.tunnels.clone(),
+                )
+                .await
+                .with_context(|| format!("cannot listen for tunnels on {bind}"))?;
+                tasks.push(tokio::spawn(accept));
+                Some(bound)
+            }
+            None => None,
+        };
 
         let peers = Arc::new(Mutex::new(BTreeMap::new()));
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
@@ -342,6 +381,8 @@ impl P2p {
             connects: BTreeMap::new(),
             requests: HashMap::new(),
             replies: FuturesUnordered::new(),
+            remote_ips: BTreeMap::new(),
+            data_plane_port: data_plane.map(|a| a.port()),
         };
         state.start_bootstraps();
         tasks.push(tokio::spawn(state.run(cmd_rx)));
@@ -351,6 +392,10 @@ impl P2p {
             local,
             listen_addrs: Arc::new(listen_addrs),
             peers,
+            routes: Arc::default(),
+            keys,
+            data_plane,
+            dial_timeout: opts.data_plane_dial_timeout,
             _tasks: Arc::new(Tasks(tasks)),
         };
         match ready_rx.await {
@@ -388,6 +433,51 @@ impl P2p {
     /// This node as the core names it, with its listen addresses.
     pub fn peer_addr(&self) -> PeerAddr {
         PeerAddr { peer: core_peer(&self.local), addrs: self.listen_addrs.iter().map(|a| a.to_string()).collect() }
+    }
+
+    /// Where this node takes tunnels on connections of their own, if it does.
+    pub fn data_plane_addr(&self) -> Option<SocketAddr> {
+        self.data_plane
+    }
+
+    /// Whether tunnels to `peer` currently go over its data plane (`Some(true)`), the
+    /// swarm (`Some(false)`), or are not decided yet (`None`).
+    pub fn tunnels_direct_to(&self, peer: &PeerId) -> Option<bool> {
+        let mut routes = self.routes.lock().ok()?;
+        routes.get(peer, Instant::now()).map(|r| matches!(r, Route::Direct(_)))
+    }
+
+    /// The data-plane address of `peer`, asked for once and remembered; `None`: use
+    /// the swarm (it has none, or it failed a short while ago).
+    async fn data_plane_of(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> Option<SocketAddr> {
+        let known = self.routes.lock().ok()?.get(&peer, Instant::now());
+        match known {
+            Some(Route::Direct(addr)) => return Some(addr),
+            Some(Route::SwarmUntil(_)) => return None,
+            None => {}
+        }
+        let request = Request::TunnelEndpoint;
+        let answer = self.call(|reply| Cmd::Request { peer, addrs, request, reply });
+        let port = match tokio::time::timeout(self.dial_timeout, answer).await {
+            Ok(Ok(Response::TunnelEndpoint { port })) => port,
+            _ => None,
+        };
+        let ip = match port {
+            Some(_) => self.call(|reply| Cmd::RemoteIp { peer, reply }).await.ok(),
+            None => None,
+        };
+        let mut routes = self.routes.lock().ok()?;
+        match (ip, port) {
+            (Some(ip), Some(port)) => {
+                let addr = SocketAddr::new(ip, port);
+                routes.set_direct(peer, addr, Instant::now());
+                Some(addr)
+            }
+            _ => {
+                routes.fall_back(peer, Instant::now());
+                None
+            }
+        }
     }
 
     /// Peers connected right now, with the last libp2p ping RTT measured to each.
@@ -485,16 +575,29 @@ impl Transport for P2p {
         tokio::time::timeout(timeout, fut).await.map_err(|_| "request timed out".to_string())?
     }
 
+    /// On the peer's data plane when it has one, else on the swarm.
     async fn open_tunnel(&self, peer: PeerAddr) -> Result<TunnelStream, String> {
         let (peer, addrs) = parse_peer(&peer)?;
-        self.call(|reply| Cmd::Connect { peer, addrs, reply }).await?;
+        let connect = addrs.clone();
+        self.call(|reply| Cmd::Connect { peer, addrs: connect, reply }).await?;
+        if let Some(addr) = self.data_plane_of(peer, addrs).await {
+            match direct::dial(&self.keys, addr, peer, self.dial_timeout).await {
+                Ok(io) => return Ok(tunnel_stream(io)),
+                Err(e) => {
+                    tracing::info!(%peer, "tunnels go over the swarm for a while: {e}");
+                    if let Ok(mut routes) = self.routes.lock() {
+                        routes.fall_back(peer, Instant::now());
+                    }
+                }
+            }
+        }
         let mut control = self.control.clone();
         let stream = control.open_stream(peer, TUNNEL_PROTOCOL).await.map_err(|e| format!("opening a tunnel: {e}"))?;
-        Ok(tunnel_stream(stream))
+        Ok(tunnel_stream(TunnelIo::Swarm(stream)))
     }
 }
 
-fn rand_nonce() -> u64 {
+pub(crate) fn rand_nonce() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     // Only needs to differ between probes; not security relevant.
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -567,6 +670,10 @@ struct SwarmTask {
     connects: BTreeMap<PeerId, Vec<Reply<()>>>,
     requests: HashMap<OutboundRequestId, Reply<Response>>,
     replies: FuturesUnordered<ReplyFuture>,
+    /// The IP address each connected peer's (first) connection runs over.
+    remote_ips: BTreeMap<PeerId, IpAddr>,
+    /// Answered to `TunnelEndpoint` requests.
+    data_plane_port: Option<u16>,
 }
 
 impl SwarmTask {
@@ -644,6 +751,10 @@ impl SwarmTask {
                 }
                 let id = self.swarm.behaviour_mut().rr.send_request_with_addresses(&peer, request, addrs);
                 self.requests.insert(id, reply);
+            }
+            Cmd::RemoteIp { peer, reply } => {
+                let ip = self.remote_ips.get(&peer).copied().ok_or_else(|| format!("not connected to {peer}"));
+                let _ = reply.send(ip);
             }
         }
     }
@@ -870,6 +981,9 @@ impl SwarmTask {
                 if let ConnectedPoint::Dialer { address, .. } = &endpoint {
                     self.remember(peer_id, std::slice::from_ref(address));
                 }
+                if let Some(ip) = ip_of(endpoint.get_remote_address()) {
+                    self.remote_ips.entry(peer_id).or_insert(ip);
+                }
                 if let Ok(mut p) = self.peers.lock() {
                     p.entry(peer_id).or_insert(None);
                 }
@@ -883,6 +997,7 @@ impl SwarmTask {
                 if num_established > 0 {
                     return;
                 }
+                self.remote_ips.remove(&peer_id);
                 if let Ok(mut p) = self.peers.lock() {
                     p.remove(&peer_id);
                 }
@@ -982,6 +1097,11 @@ impl SwarmTask {
             let _ = self.swarm.behaviour_mut().rr.send_response(channel, Response::Pong { nonce });
             return;
         }
+        if let Request::TunnelEndpoint = request {
+            let port = self.data_plane_port;
+            let _ = self.swarm.behaviour_mut().rr.send_response(channel, Response::TunnelEndpoint { port });
+            return;
+        }
         let (tx, rx) = oneshot::channel();
         let sent = self.inbound.requests.send(InboundRequest { from: core_peer(&peer), request, reply: tx });
         if sent.is_err() {
@@ -996,6 +1116,15 @@ impl SwarmTask {
             let response = rx.await.unwrap_or(Response::Error { reason: "the node dropped the request".into() });
             (channel, response)
         }));
+    }
+}
+
+/// The IP address at the start of a multiaddr (`/ip4/…` or `/ip6/…`).
+fn ip_of(a: &Multiaddr) -> Option<IpAddr> {
+    match a.iter().next()? {
+        Protocol::Ip4(ip) => Some(ip.into()),
+        Protocol::Ip6(ip) => Some(ip.into()),
+        _ => None,
     }
 }
 

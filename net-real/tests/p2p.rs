@@ -126,9 +126,24 @@ async fn requests_and_probes_round_trip() {
 }
 
 #[tokio::test]
-async fn tunnel_streams_carry_bytes_both_ways_and_none_is_lost() {
+async fn tunnel_streams_on_the_data_plane_carry_bytes_both_ways_and_none_is_lost() {
+    tunnels_carry_bytes_and_none_is_lost(true).await
+}
+
+/// A peer without a data plane gets its tunnels over the swarm, as libp2p streams.
+#[tokio::test]
+async fn tunnel_streams_on_the_swarm_carry_bytes_both_ways_and_none_is_lost() {
+    tunnels_carry_bytes_and_none_is_lost(false).await
+}
+
+async fn tunnels_carry_bytes_and_none_is_lost(data_plane: bool) {
     bounded(async {
-        let (x, mut xi) = node(vec![], None).await;
+        let mut o = opts(vec![], None);
+        if !data_plane {
+            o.data_plane_port = None;
+        }
+        let (x, mut xi) = P2p::start(o).await.expect("node starts");
+        assert_eq!(x.data_plane_addr().is_some(), data_plane);
         let (y, _yi) = node(x.dial_addrs(), None).await;
         // Echo server on x: every stream echoes until EOF.
         tokio::spawn(async move {
@@ -157,6 +172,7 @@ async fn tunnel_streams_carry_bytes_both_ways_and_none_is_lost() {
         let reader = async { r.read_exact(&mut back).await.unwrap() };
         tokio::join!(writer, reader);
         assert!(back == data);
+        assert_eq!(y.tunnels_direct_to(&x.peer_id()), Some(data_plane), "the tunnel took the expected path");
         // 64 streams opened at once: every one is accepted (libp2p-stream's own accept
         // would drop some; ours must not). Each opener still retries like the runtime
         // does, and counts how often it had to.
@@ -195,9 +211,17 @@ async fn tunnel_streams_carry_bytes_both_ways_and_none_is_lost() {
 #[tokio::test]
 async fn a_wrong_private_network_key_cannot_connect() {
     bounded(async {
-        let (boot, _bi) = node(vec![], Some("right passphrase")).await;
-        // Same key: fine.
-        let (_ok, _oi) = node(boot.dial_addrs(), Some("right passphrase")).await;
+        let (boot, mut bi) = node(vec![], Some("right passphrase")).await;
+        // Same key: fine, and tunnels run on the data plane under the same key.
+        let (ok, _oi) = node(boot.dial_addrs(), Some("right passphrase")).await;
+        let mut tunnel = ok.open_tunnel(boot.peer_addr()).await.expect("a tunnel opens");
+        assert_eq!(ok.tunnels_direct_to(&boot.peer_id()), Some(true));
+        tunnel.write_all(b"x").await.unwrap();
+        tunnel.flush().await.unwrap();
+        let mut inbound = bi.tunnels.recv().await.expect("the tunnel arrives").stream;
+        let mut b = [0u8; 1];
+        inbound.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"x");
         // Another key, or none: a clear error after the start-up attempts.
         for psk in [Some("wrong passphrase"), None] {
             let err = P2p::start(opts(boot.dial_addrs(), psk)).await.unwrap_err().to_string();

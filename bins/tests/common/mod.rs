@@ -37,7 +37,7 @@ impl Drop for TempDir {
 
 /// A port free on 127.0.0.1 right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    physarum_net_real::ports::free_port([127, 0, 0, 1].into()).unwrap()
 }
 
 /// A child process that is stopped (SIGTERM, then SIGKILL) and reaped on drop.

@@ -5,6 +5,7 @@
 //! Credentials an instance is handed belong here too, so both drivers get them.
 
 use crate::keyfile;
+use crate::ports::free_ports;
 use physarum_core::types::ServiceInfo;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -141,13 +142,6 @@ pub fn multiaddr(ip: IpAddr, port: u16) -> String {
         IpAddr::V4(ip) => format!("/ip4/{ip}/tcp/{port}"),
         IpAddr::V6(ip) => format!("/ip6/{ip}/tcp/{port}"),
     }
-}
-
-/// `n` distinct ports free on `ip` right now (bound to port 0 and released).
-fn free_ports(ip: IpAddr, n: usize) -> std::io::Result<Vec<u16>> {
-    let listeners =
-        (0..n).map(|_| std::net::TcpListener::bind(SocketAddr::new(ip, 0))).collect::<std::io::Result<Vec<_>>>()?;
-    listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect()
 }
 
 async fn connects(addr: SocketAddr) -> bool {
