@@ -400,8 +400,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     )?;
     let operator_path = root.join("operator.key");
     let operator = crate::keys::keygen(&operator_path)?;
-    let common =
+    let mut common =
         vec!["--configfile".into(), conf.display().to_string(), "--operator".into(), operator.public().to_string()];
+    if let Some(port) = &args.tunnel_port {
+        common.extend(["--tunnel-port".into(), port.clone()]);
+    }
     let load_before = load_average();
     let started = Instant::now();
     let mut bench = Bench {

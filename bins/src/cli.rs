@@ -329,6 +329,10 @@ pub struct BenchArgs {
     /// Keep the temporary directory with every daemon's log
     #[arg(long)]
     pub keep: bool,
+    /// Passed on to every daemon (`off`: tunnels as streams inside the P2P
+    /// connections, to compare the two data planes)
+    #[arg(long, value_name = "PORT|off")]
+    pub tunnel_port: Option<String>,
 }
 
 impl BenchArgs {
@@ -340,6 +344,9 @@ impl BenchArgs {
         );
         if let Some(only) = &self.only {
             s.push_str(&format!(" --only {only}"));
+        }
+        if let Some(port) = &self.tunnel_port {
+            s.push_str(&format!(" --tunnel-port {port}"));
         }
         s
     }
