@@ -4,6 +4,7 @@
 //! found enough. Plain values and small state machines; the runtimes keep the clocks.
 
 use crate::time::Instant;
+use crate::types::DhtKey;
 use std::time::Duration;
 
 /// How long a provider record lives after its last advertisement (the core
@@ -12,6 +13,17 @@ pub const PROVIDER_RECORD_TTL: Duration = Duration::from_secs(120);
 
 /// After the first providers of a lookup arrive, wait this long for more answers.
 pub const FIND_GRACE: Duration = Duration::from_millis(100);
+
+/// How long a lookup of `key` waits for more answers after its first providers.
+/// Every registry serves the same operator-signed entries, so the first to answer
+/// will do; instances and allocators are compared by RTT, so more of them are worth
+/// [`FIND_GRACE`].
+pub fn find_grace(key: &DhtKey) -> Duration {
+    match key {
+        DhtKey::Registry => Duration::ZERO,
+        DhtKey::Service(_) | DhtKey::Allocators => FIND_GRACE,
+    }
+}
 
 /// Bootstrap connection retries: 2, 4, 8, 16 s and 5 attempts at start, then a clear
 /// error; after a connection drops, reconnect forever, at most `cap` apart.
@@ -135,6 +147,11 @@ impl FindEnd {
         FindEnd { deadline: now + timeout, grace: FIND_GRACE, settle_at: None }
     }
 
+    /// A lookup of `key`, with its grace ([`find_grace`]).
+    pub fn for_key(now: Instant, timeout: Duration, key: &DhtKey) -> Self {
+        FindEnd::new(now, timeout).with_grace(find_grace(key))
+    }
+
     pub fn with_grace(mut self, grace: Duration) -> Self {
         self.grace = grace;
         self
@@ -213,5 +230,17 @@ mod tests {
         let mut late = FindEnd::new(t(0), Duration::from_millis(50));
         late.found(t(40), 1);
         assert_eq!(late.poll_timeout(), t(50));
+    }
+
+    #[test]
+    fn a_registry_lookup_ends_with_its_first_providers_a_service_lookup_waits_for_more() {
+        let t = |ms: u64| Instant::from_micros(ms * 1000);
+        let mut registry = FindEnd::for_key(t(0), Duration::from_secs(2), &DhtKey::Registry);
+        registry.found(t(30), 1);
+        assert!(registry.is_over(t(30), false));
+        let service = DhtKey::Service(crate::types::ContentHash("h".into()));
+        let mut instances = FindEnd::for_key(t(0), Duration::from_secs(2), &service);
+        instances.found(t(30), 1);
+        assert_eq!(instances.poll_timeout(), t(30) + FIND_GRACE);
     }
 }

@@ -42,6 +42,11 @@ pub const MAX_DIRECT_CONNECTIONS: usize = 4096;
 const MAX_ROUTES: usize = 4096;
 /// How long a peer whose data plane failed is reached over the swarm before trying again.
 const SWARM_FALLBACK: Duration = Duration::from_secs(30);
+/// A data-plane connection whose peer went away without a word (host down, cable
+/// cut) is found out by TCP keepalive after about this long plus a few probes, so it
+/// gives its slot back. The swarm's connections have libp2p ping for this.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
 type Plain = Compat<TcpStream>;
 type Private = Either<pnet::PnetOutput<Plain>, Plain>;
@@ -59,6 +64,8 @@ impl DirectKeys {
     /// pnet (when a PSK is set), then Noise; the peer id the remote proved.
     async fn secure(&self, socket: TcpStream, dialer: bool) -> Result<(PeerId, DirectIo), String> {
         let _ = socket.set_nodelay(true);
+        let keepalive = socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE).with_interval(KEEPALIVE_INTERVAL);
+        let _ = socket2::SockRef::from(&socket).set_tcp_keepalive(&keepalive);
         let socket = socket.compat();
         let socket = match self.psk {
             Some(psk) => Either::Left(

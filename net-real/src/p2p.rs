@@ -91,8 +91,6 @@ pub struct P2pOptions {
     pub provider_ttl: Duration,
     /// Kademlia queries give up after this long (ours finish earlier on their own).
     pub kad_query_timeout: Duration,
-    /// After the first providers arrive, wait this long for more answers.
-    pub find_grace: Duration,
     /// Request-response timeout (must exceed the slowest allocation).
     pub request_timeout: Duration,
     /// Interval of libp2p pings on every connection (RTTs for [`P2p::connected_peers`]).
@@ -129,7 +127,6 @@ impl P2pOptions {
             idle_connection_timeout: Duration::from_secs(120),
             provider_ttl: physarum_core::dht_policy::PROVIDER_RECORD_TTL,
             kad_query_timeout: Duration::from_secs(10),
-            find_grace: physarum_core::dht_policy::FIND_GRACE,
             request_timeout: Duration::from_secs(60),
             ping_interval: Duration::from_secs(5),
             ping_timeout: Duration::from_secs(5),
@@ -168,7 +165,7 @@ struct Behaviour {
 type Reply<T> = oneshot::Sender<Result<T, String>>;
 
 enum Cmd {
-    Find { key: kad::RecordKey, timeout: Duration, reply: Reply<(Vec<PeerAddr>, FindCost)> },
+    Find { key: kad::RecordKey, timeout: Duration, grace: Duration, reply: Reply<(Vec<PeerAddr>, FindCost)> },
     Advertise { key: kad::RecordKey, reply: Reply<()> },
     Connect { peer: PeerId, addrs: Vec<Multiaddr>, reply: Reply<()> },
     Request { peer: PeerId, addrs: Vec<Multiaddr>, request: Request, reply: Reply<Response> },
@@ -411,8 +408,9 @@ impl P2p {
         key: DhtKey,
         timeout: Duration,
     ) -> Result<(Vec<PeerAddr>, FindCost), String> {
+        let grace = physarum_core::dht_policy::find_grace(&key);
         let key = record_key(&key);
-        self.call(|reply| Cmd::Find { key, timeout, reply }).await
+        self.call(|reply| Cmd::Find { key, timeout, grace, reply }).await
     }
 
     /// This node's libp2p peer id.
@@ -646,6 +644,8 @@ struct Find {
     cost: FindCost,
     providers: BTreeSet<PeerId>,
     deadline: Instant,
+    /// How long to wait for more answers after the first providers.
+    grace_after_first: Duration,
     /// When to stop waiting for more answers (set by the first providers).
     grace: Option<Instant>,
     /// Connecting to the providers found (their addresses are known to Kademlia only
@@ -715,7 +715,7 @@ impl SwarmTask {
 
     fn command(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Find { key, timeout, reply } => {
+            Cmd::Find { key, timeout, grace, reply } => {
                 let id = self.swarm.behaviour_mut().kad.get_providers(key);
                 let deadline = Instant::now() + timeout.saturating_sub(Duration::from_millis(50));
                 self.finds.insert(
@@ -725,6 +725,7 @@ impl SwarmTask {
                         cost: FindCost::default(),
                         providers: BTreeSet::new(),
                         deadline,
+                        grace_after_first: grace,
                         grace: None,
                         connecting: None,
                     },
@@ -1058,7 +1059,7 @@ impl SwarmTask {
                         let local = self.local;
                         find.providers.extend(providers.into_iter().filter(|p| *p != local));
                         if !find.providers.is_empty() && find.grace.is_none() {
-                            find.grace = Some(Instant::now() + self.opts.find_grace);
+                            find.grace = Some(Instant::now() + find.grace_after_first);
                         }
                     }
                     if step.last {

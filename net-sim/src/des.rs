@@ -895,7 +895,7 @@ impl World {
         match out {
             Output::Respond { req, outcome } => self.respond(ix, req, outcome),
             Output::FindProviders { op, key, timeout } => {
-                let end = FindEnd::new(self.now, timeout);
+                let end = FindEnd::for_key(self.now, timeout, &key);
                 let key_name = crate::trace::key_text(&key);
                 let purpose = Purpose::Find { op, key: key_name, end, found: BTreeMap::new(), first: None };
                 let key = kad::dht_key(&key);
