@@ -48,7 +48,9 @@ pub struct TunnelPort(pub Option<u16>);
 pub fn parse_tunnel_port(s: &str) -> Result<TunnelPort, String> {
     match s {
         "off" => Ok(TunnelPort(None)),
-        port => port.parse().map(|p| TunnelPort(Some(p))).map_err(|_| format!("{s:?} is neither a TCP port nor \"off\"")),
+        port => {
+            port.parse().map(|p| TunnelPort(Some(p))).map_err(|_| format!("{s:?} is neither a TCP port nor \"off\""))
+        }
     }
 }
 

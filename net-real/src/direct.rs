@@ -73,7 +73,8 @@ impl DirectKeys {
             ),
             None => Either::Right(socket),
         };
-        let noise = noise::Config::new(&self.keypair).map_err(|e| format!("noise: {e}"))?.with_prologue(PROLOGUE.to_vec());
+        let noise =
+            noise::Config::new(&self.keypair).map_err(|e| format!("noise: {e}"))?.with_prologue(PROLOGUE.to_vec());
         let secured = if dialer {
             noise.upgrade_outbound(socket, "/noise").await
         } else {
@@ -138,7 +139,12 @@ impl futures::AsyncWrite for TunnelIo {
 
 /// Dial `peer`'s data plane at `addr`: TCP, pnet, Noise, all within `timeout`, and
 /// only if the listener proves it is `peer`.
-pub(crate) async fn dial(keys: &DirectKeys, addr: SocketAddr, peer: PeerId, timeout: Duration) -> Result<TunnelIo, String> {
+pub(crate) async fn dial(
+    keys: &DirectKeys,
+    addr: SocketAddr,
+    peer: PeerId,
+    timeout: Duration,
+) -> Result<TunnelIo, String> {
     let fut = async {
         let socket = TcpStream::connect(addr).await.map_err(|e| format!("connecting to {addr}: {e}"))?;
         let (proved, io) = keys.secure(socket, true).await?;

@@ -165,12 +165,32 @@ struct Behaviour {
 type Reply<T> = oneshot::Sender<Result<T, String>>;
 
 enum Cmd {
-    Find { key: kad::RecordKey, timeout: Duration, grace: Duration, reply: Reply<(Vec<PeerAddr>, FindCost)> },
-    Advertise { key: kad::RecordKey, reply: Reply<()> },
-    Connect { peer: PeerId, addrs: Vec<Multiaddr>, reply: Reply<()> },
-    Request { peer: PeerId, addrs: Vec<Multiaddr>, request: Request, reply: Reply<Response> },
+    Find {
+        key: kad::RecordKey,
+        timeout: Duration,
+        grace: Duration,
+        reply: Reply<(Vec<PeerAddr>, FindCost)>,
+    },
+    Advertise {
+        key: kad::RecordKey,
+        reply: Reply<()>,
+    },
+    Connect {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        reply: Reply<()>,
+    },
+    Request {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: Request,
+        reply: Reply<Response>,
+    },
     /// The IP address a connection to `peer` runs over.
-    RemoteIp { peer: PeerId, reply: Reply<IpAddr> },
+    RemoteIp {
+        peer: PeerId,
+        reply: Reply<IpAddr>,
+    },
 }
 
 /// Aborts the network's tasks when the last handle goes.
@@ -346,15 +366,10 @@ impl P2p {
             Some(port) => {
                 let ip = opts.listen.iter().find_map(ip_of).unwrap_or(IpAddr::from([0, 0, 0, 0]));
                 let bind = SocketAddr::new(ip, port);
-                let (bound, accept) = direct::listen(
-                    bind,
-                    keys.clone(),
-                    opts.handshake_timeout,
-                    tunnel_stream,
-                    senders.tunnels.clone(),
-                )
-                .await
-                .with_context(|| format!("cannot listen for tunnels on {bind}"))?;
+                let (bound, accept) =
+                    direct::listen(bind, keys.clone(), opts.handshake_timeout, tunnel_stream, senders.tunnels.clone())
+                        .await
+                        .with_context(|| format!("cannot listen for tunnels on {bind}"))?;
                 tasks.push(tokio::spawn(accept));
                 Some(bound)
             }

@@ -151,8 +151,9 @@ async fn tunnels_carry_bytes_and_none_is_lost(data_plane: bool) {
                 tokio::spawn(async move {
                     let mut s = t.stream;
                     let mut buf = vec![0u8; 16 * 1024];
+                    // Tunnel streams may hold written bytes until flushed (Noise frames).
                     while let Ok(n) = s.read(&mut buf).await {
-                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() || s.flush().await.is_err() {
                             break;
                         }
                     }
@@ -186,6 +187,7 @@ async fn tunnels_carry_bytes_and_none_is_lost(data_plane: bool) {
                     for _ in 0..5 {
                         let mut s = y.open_tunnel(x.clone()).await.unwrap();
                         s.write_all(&i.to_be_bytes()).await.unwrap();
+                        s.flush().await.unwrap();
                         let mut b = [0u8; 4];
                         match s.read_exact(&mut b).await {
                             Ok(_) => return u32::from_be_bytes(b),
