@@ -159,16 +159,13 @@ pub(crate) async fn dial(
 /// Listen for data-plane connections on `bind`; each one that completes its
 /// handshake within `handshake_timeout` goes to `deliver` as an inbound tunnel.
 /// Returns the bound address and the accept loop (run it on a task).
-pub(crate) async fn listen<S: 'static>(
+pub(crate) async fn listen<S: Send + 'static>(
     bind: SocketAddr,
     keys: DirectKeys,
     handshake_timeout: Duration,
     wrap: fn(TunnelIo) -> S,
     deliver: mpsc::UnboundedSender<InboundTunnel<S>>,
-) -> io::Result<(SocketAddr, impl std::future::Future<Output = ()> + Send)>
-where
-    S: Send,
-{
+) -> io::Result<(SocketAddr, impl std::future::Future<Output = ()> + Send)> {
     let listener = TcpListener::bind(bind).await?;
     let local = listener.local_addr()?;
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
