@@ -254,6 +254,8 @@ pub async fn run<D: InstanceDriver, O: Observer>(
         loop {
             tick.tick().await;
             metrics.set_connected_peers(p2p.connected_peers().len());
+            let (direct, swarm) = p2p.tunnels_opened();
+            metrics.set_tunnels_opened(direct, swarm);
         }
     };
     let result = tokio::select! {

@@ -3,9 +3,11 @@
 //! Public API for the binaries:
 //! - [`P2p::start`]`(`[`P2pOptions`]`) -> (P2p, Inbound<TunnelStream>)`: builds the swarm
 //!   (TCP + pnet when `psk` is set + Noise + Yamux; Kademlia server mode on
-//!   `/physarum/kad/1.0.0`; identify; ping; request-response with the wire codec;
-//!   tunnels opened with libp2p-stream and accepted by our own lossless behaviour, see
-//!   `inbound`), listens, connects to the bootstraps (in parallel, backoff
+//!   `/physarum/kad/1.0.0`; identify; ping; request-response with the wire codec),
+//!   the data plane (`direct`: each tunnel on a TCP connection of its own, pnet +
+//!   Noise with the node's identity, at `P2pOptions::data_plane_port`; tunnels to
+//!   peers without one go as libp2p-stream streams, accepted by our own lossless
+//!   behaviour, see `inbound`), listens, connects to the bootstraps (in parallel, backoff
 //!   2, 4, 8, 16 s, then an error naming each bootstrap; later drops reconnect forever,
 //!   at most 512 s apart) and returns once one is connected. `P2p` is a cloneable handle
 //!   implementing [`physarum_runtime::Transport`]; [`P2p::peer_id`],

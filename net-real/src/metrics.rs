@@ -75,6 +75,19 @@ pub struct ServiceLabels {
     pub service: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum TunnelPath {
+    /// A connection of its own to the peer's data plane.
+    Direct,
+    /// A stream inside the P2P connection (the peer has no reachable data plane).
+    Swarm,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TunnelPathLabels {
+    pub path: TunnelPath,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabels {
     pub peer: String,
@@ -119,6 +132,8 @@ pub struct Metrics {
     pub probe_rtt: Histogram,
     /// Peers with an open connection.
     pub connected_peers: Gauge,
+    /// Tunnel streams this node opened, by the path they took.
+    pub tunnels_opened: Family<TunnelPathLabels, Counter>,
     /// Allocator: instances started, up, culled and gone; running now; start latency.
     pub instances_starting: Family<ServiceLabels, Counter>,
     pub instances_up: Family<ServiceLabels, Counter>,
@@ -173,6 +188,7 @@ impl Metrics {
             probes: Family::default(),
             probe_rtt: rtt_histogram(),
             connected_peers: Gauge::default(),
+            tunnels_opened: Family::default(),
             instances_starting: Family::default(),
             instances_up: Family::default(),
             culls: Family::default(),
@@ -222,6 +238,7 @@ impl Metrics {
         r.register("probes", "RTT probes by result", m.probes.clone());
         r.register_with_unit("probe_rtt", "RTTs measured by probes", Unit::Seconds, m.probe_rtt.clone());
         r.register("connected_peers", "Peers with an open connection", m.connected_peers.clone());
+        r.register("tunnels_opened", "Tunnel streams this node opened, by path", m.tunnels_opened.clone());
         r.register("instances_starting", "Instances this allocator began to start", m.instances_starting.clone());
         r.register("instances_up", "Instances this allocator started successfully", m.instances_up.clone());
         r.register("culls", "Instances stopped for idleness or a failed idle query", m.culls.clone());
@@ -369,6 +386,17 @@ impl Metrics {
 
     pub fn set_connected_peers(&self, n: usize) {
         self.connected_peers.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Bring the tunnel counters up to the transport's totals (`P2p::tunnels_opened`).
+    pub fn set_tunnels_opened(&self, direct: u64, swarm: u64) {
+        for (path, total) in [(TunnelPath::Direct, direct), (TunnelPath::Swarm, swarm)] {
+            let counter = self.tunnels_opened.get_or_create(&TunnelPathLabels { path });
+            let seen = counter.get();
+            if total > seen {
+                counter.inc_by(total - seen);
+            }
+        }
     }
 
     /// Bootstrap: record the RTT to `peer` (`None`: the peer went away).
@@ -579,6 +607,8 @@ mod tests {
         m.request_completed(404, Duration::from_millis(1));
         m.set_connected_peers(3);
         m.set_peer_rtt("QmPeer", Some(Duration::from_millis(5)));
+        m.set_tunnels_opened(4, 1);
+        m.set_tunnels_opened(7, 1);
 
         let text = m.encode();
         assert_eq!(line_value(&text, "physarum_cache_hits_total{service=\"hello\"}"), Some(2.0), "{text}");
@@ -590,6 +620,8 @@ mod tests {
         assert_eq!(line_value(&text, "physarum_instance_start_latency_seconds_count"), Some(1.0));
         assert_eq!(line_value(&text, "physarum_decisions_total{decision=\"fail\",status=\"404\"}"), Some(1.0));
         assert_eq!(line_value(&text, "physarum_requests_total{status=\"200\"}"), Some(1.0));
+        assert_eq!(line_value(&text, "physarum_tunnels_opened_total{path=\"Direct\"}"), Some(7.0), "{text}");
+        assert_eq!(line_value(&text, "physarum_tunnels_opened_total{path=\"Swarm\"}"), Some(1.0), "{text}");
         assert_eq!(line_value(&text, "physarum_connected_peers"), Some(3.0));
         assert_eq!(line_value(&text, "physarum_peer_rtt_seconds{peer=\"QmPeer\"}"), Some(0.005));
         assert!(text.ends_with("# EOF\n"));

@@ -34,6 +34,7 @@ use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -218,6 +219,9 @@ pub struct P2p {
     keys: DirectKeys,
     data_plane: Option<SocketAddr>,
     dial_timeout: Duration,
+    /// Tunnel streams opened on peers' data planes, and inside swarm connections.
+    opened_direct: Arc<AtomicU64>,
+    opened_swarm: Arc<AtomicU64>,
     _tasks: Arc<Tasks>,
 }
 
@@ -408,6 +412,8 @@ impl P2p {
             keys,
             data_plane,
             dial_timeout: opts.data_plane_dial_timeout,
+            opened_direct: Arc::default(),
+            opened_swarm: Arc::default(),
             _tasks: Arc::new(Tasks(tasks)),
         };
         match ready_rx.await {
@@ -491,6 +497,11 @@ impl P2p {
                 None
             }
         }
+    }
+
+    /// Tunnel streams opened so far: (on peers' data planes, inside swarm connections).
+    pub fn tunnels_opened(&self) -> (u64, u64) {
+        (self.opened_direct.load(Ordering::Relaxed), self.opened_swarm.load(Ordering::Relaxed))
     }
 
     /// Peers connected right now, with the last libp2p ping RTT measured to each.
@@ -595,7 +606,10 @@ impl Transport for P2p {
         self.call(|reply| Cmd::Connect { peer, addrs: connect, reply }).await?;
         if let Some(addr) = self.data_plane_of(peer, addrs).await {
             match direct::dial(&self.keys, addr, peer, self.dial_timeout).await {
-                Ok(io) => return Ok(tunnel_stream(io)),
+                Ok(io) => {
+                    self.opened_direct.fetch_add(1, Ordering::Relaxed);
+                    return Ok(tunnel_stream(io));
+                }
                 Err(e) => {
                     tracing::info!(%peer, "tunnels go over the swarm for a while: {e}");
                     if let Ok(mut routes) = self.routes.lock() {
@@ -606,6 +620,7 @@ impl Transport for P2p {
         }
         let mut control = self.control.clone();
         let stream = control.open_stream(peer, TUNNEL_PROTOCOL).await.map_err(|e| format!("opening a tunnel: {e}"))?;
+        self.opened_swarm.fetch_add(1, Ordering::Relaxed);
         Ok(tunnel_stream(TunnelIo::Swarm(stream)))
     }
 }

@@ -174,6 +174,8 @@ async fn tunnels_carry_bytes_and_none_is_lost(data_plane: bool) {
         tokio::join!(writer, reader);
         assert!(back == data);
         assert_eq!(y.tunnels_direct_to(&x.peer_id()), Some(data_plane), "the tunnel took the expected path");
+        let (direct, swarm) = y.tunnels_opened();
+        assert_eq!((direct, swarm), (data_plane as u64, !data_plane as u64), "counted on its path");
         // 64 streams opened at once: every one is accepted (libp2p-stream's own accept
         // would drop some; ours must not). Each opener still retries like the runtime
         // does, and counts how often it had to.
