@@ -152,6 +152,11 @@ impl Cluster {
         self.daemons.iter().find(|d| d.name == name).and_then(|d| d.child.id())
     }
 
+    /// The process ids of every daemon running.
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        self.daemons.iter().filter_map(|d| d.child.id()).collect()
+    }
+
     /// The first daemon that exited on its own, if any.
     pub(crate) fn exited(&mut self) -> Option<(String, String, PathBuf)> {
         self.daemons.iter_mut().find_map(|d| match d.child.try_wait() {
