@@ -504,6 +504,15 @@ impl P2p {
         (self.opened_direct.load(Ordering::Relaxed), self.opened_swarm.load(Ordering::Relaxed))
     }
 
+    /// Ask for `peer`'s data plane in the background if its route is not known yet.
+    fn learn_data_plane_soon(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        let known = self.routes.lock().map(|mut r| r.get(&peer, Instant::now()).is_some()).unwrap_or(true);
+        if !known {
+            let me = self.clone();
+            tokio::spawn(async move { me.data_plane_of(peer, addrs).await });
+        }
+    }
+
     /// Peers connected right now, with the last libp2p ping RTT measured to each.
     pub fn connected_peers(&self) -> Vec<(PeerId, Option<Duration>)> {
         self.peers.lock().map(|p| p.iter().map(|(k, v)| (*k, *v)).collect()).unwrap_or_default()
@@ -585,8 +594,14 @@ impl Transport for P2p {
             let nonce = rand_nonce();
             let sent = Instant::now();
             let request = Request::Ping { nonce };
-            match self.call(|reply| Cmd::Request { peer, addrs, request, reply }).await? {
-                Response::Pong { nonce: n } if n == nonce => Ok(sent.elapsed()),
+            match self.call(|reply| Cmd::Request { peer, addrs: addrs.clone(), request, reply }).await? {
+                Response::Pong { nonce: n } if n == nonce => {
+                    let rtt = sent.elapsed();
+                    // A probed peer is likely tunnelled to next: learn its data plane
+                    // now, so the first tunnel does not wait for the extra round trip.
+                    self.learn_data_plane_soon(peer, addrs);
+                    Ok(rtt)
+                }
                 other => Err(format!("unexpected answer to a ping: {other:?}")),
             }
         };

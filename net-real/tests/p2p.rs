@@ -110,6 +110,13 @@ async fn requests_and_probes_round_trip() {
         assert_eq!(resp, Response::Entries { entries: vec![], next: None });
         let rtt = y.probe(x.peer_addr(), Duration::from_secs(2)).await.unwrap();
         assert!(rtt < Duration::from_secs(1), "{rtt:?}");
+        // A probe also learns the peer's data plane, before any tunnel is opened.
+        let until = Instant::now() + Duration::from_secs(5);
+        while y.tunnels_direct_to(&x.peer_id()).is_none() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(y.tunnels_direct_to(&x.peer_id()), Some(true));
+        assert_eq!(y.tunnels_opened(), (0, 0));
         // A peer that does not exist fails, within the timeout.
         let ghost = P2p::start(opts(vec![], None)).await.unwrap().0;
         let gone = ghost.peer_addr();
