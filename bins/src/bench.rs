@@ -190,7 +190,6 @@ fn load_average() -> String {
 
 // ------------------------------------------------------------------ figures
 
-/// The `q`-quantile (0..=1) of `v` (nearest rank), or NaN when empty.
 /// What the failover section reports, from its GETs: (seconds since the start,
 /// latency in seconds or `None` for a failure), and when the instance was killed.
 #[derive(Debug, PartialEq)]
@@ -235,6 +234,7 @@ impl FailoverFigures {
     }
 }
 
+/// The `q`-quantile (0..=1) of `v` (nearest rank), or NaN when empty.
 fn quantile(v: &[f64], q: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
