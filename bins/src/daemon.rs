@@ -288,6 +288,7 @@ pub async fn run<D: InstanceDriver, O: Observer>(
 /// Run `main` on a tokio current_thread runtime (the measured best on small
 /// machines); errors are logged with their causes and give exit code 1.
 pub fn block_on(name: &str, main: impl std::future::Future<Output = Result<()>>) -> std::process::ExitCode {
+    raise_open_files_limit();
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -300,6 +301,21 @@ pub fn block_on(name: &str, main: impl std::future::Future<Output = Result<()>>)
         Err(e) => {
             eprintln!("{name}: error: {e:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Every tunnel holds a connection of its own (and, on a sidecar, one to the
+/// application), so a busy daemon needs more descriptors than the usual soft limit
+/// of 1024: raise it to the hard limit, as nginx's `worker_rlimit_nofile` or Go's
+/// runtime do. Past the hard limit, accepting pauses and dialers fall back.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed in.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
     }
 }
