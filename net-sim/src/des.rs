@@ -113,7 +113,8 @@ pub struct CostSummary {
     pub best_p50_ms: f64,
 }
 
-fn nearest_rank<T: Copy + Default>(sorted: &[T], p: f64) -> T {
+/// The `p`-quantile of `sorted` by nearest rank (the default value when empty).
+pub fn nearest_rank<T: Copy + Default>(sorted: &[T], p: f64) -> T {
     if sorted.is_empty() {
         return T::default();
     }

@@ -5,7 +5,7 @@
 //! `cargo test -p sim-tests --release --test scale -- --ignored --nocapture`
 //! (or `physarum-sim run scenarios/scale-1000.json --engine des`).
 
-use physarum_net_sim::des::CostSummary;
+use physarum_net_sim::des::{nearest_rank, CostSummary};
 use physarum_net_sim::node::Fate;
 use physarum_net_sim::scale::scale_scenario;
 use physarum_net_sim::{run_des, Report, Scenario, ScenarioBuilder};
@@ -40,7 +40,7 @@ fn full_lookup_rpcs_p50(r: &Report) -> u32 {
     let lookups = &r.dht.as_ref().expect("des stats").lookups;
     let mut rpcs: Vec<u32> = lookups.iter().filter(|l| l.key != "registry").map(|l| l.rpcs).collect();
     rpcs.sort_unstable();
-    rpcs.get(rpcs.len().saturating_sub(1) / 2).copied().unwrap_or(0)
+    nearest_rank(&rpcs, 0.5)
 }
 
 /// What every scale run must show: answers by the deadline, nearly all of them
